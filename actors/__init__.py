@@ -1,0 +1,1 @@
+"""actorfs actors: single-owner state, one module each."""

@@ -1,0 +1,1 @@
+"""actorfs runtime: what moves requests between a client and the actors."""

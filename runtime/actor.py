@@ -1,0 +1,132 @@
+"""A small actor base: one task owns the state, others talk to it by mailbox.
+
+An actor's handler methods are plain (non-async) methods that run inside the
+actor's own task, one message at a time, so they never race on its state and
+need no locks. They must not block: anything that touches a disk is done by the
+caller in the blocking pool before or after asking the actor.
+
+`ask()` is request/reply: the handler's return value (or exception) comes back
+to the caller. `tell()` is fire-and-forget for messages whose reply nobody
+waits for (FORGET).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from runtime.errno_map import FsError
+
+log = logging.getLogger("actorfs.actor")
+
+_STOP = object()
+
+
+class ActorStopped(FsError):
+    """The actor is not running: in-flight and later requests get EIO."""
+
+    def __init__(self, name: str):
+        super().__init__(errno.EIO, f"actor {name} is not running")
+
+
+class Actor:
+    """Mailbox + a run loop. Subclasses add handler methods and `close()`."""
+
+    name = "actor"
+
+    def __init__(self, mailbox_size: int = 4096):
+        self._mailbox: asyncio.Queue = asyncio.Queue(mailbox_size)
+        self._running = False
+        self._stopped = False
+        self.crash_cause: BaseException | None = None
+        # Test hook: set to an exception to make the run loop itself fail.
+        self.inject_crash: BaseException | None = None
+
+    # -- client side -------------------------------------------------------
+    async def ask(self, handler: Callable[..., Any], *args: Any) -> Any:
+        if self._stopped:
+            raise ActorStopped(self.name)
+        fut = asyncio.get_running_loop().create_future()
+        await self._mailbox.put((handler, args, fut))
+        return await fut
+
+    def tell(self, handler: Callable[..., Any], *args: Any) -> bool:
+        """Queue a message without waiting; False if the mailbox is full or stopped."""
+        if self._stopped:
+            return False
+        try:
+            self._mailbox.put_nowait((handler, args, None))
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    # -- actor side --------------------------------------------------------
+    async def run(self) -> None:
+        """The actor's task. Returns on stop(); raises if the loop itself fails."""
+        self._running = True
+        try:
+            while True:
+                msg = await self._mailbox.get()
+                if msg is _STOP:
+                    break
+                if self.inject_crash is not None:
+                    exc, self.inject_crash = self.inject_crash, None
+                    _, _, fut = msg
+                    if fut is not None and not fut.done():
+                        fut.set_exception(ActorStopped(self.name))
+                    raise exc
+                handler, args, fut = msg
+                try:
+                    result = handler(*args)
+                except BaseException as exc:  # handler errors go back to the caller
+                    if fut is None:
+                        log.warning("%s: %s%r failed: %r", self.name, handler.__name__, args, exc)
+                    elif not fut.done():
+                        fut.set_exception(exc)
+                else:
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
+        except BaseException as exc:
+            self.crash_cause = exc
+            raise
+        finally:
+            self._running = False
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Answer every queued request with EIO so no caller waits forever."""
+        while True:
+            try:
+                msg = self._mailbox.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if msg is _STOP:
+                continue
+            fut = msg[2]
+            if fut is not None and not fut.done():
+                fut.set_exception(ActorStopped(self.name))
+
+    def stop(self) -> None:
+        """Ask the run loop to end after the messages already queued."""
+        self._stopped = True
+        try:
+            self._mailbox.put_nowait(_STOP)
+        except asyncio.QueueFull:
+            # A full mailbox: drop the backlog with EIO rather than wait.
+            self._fail_pending()
+            self._mailbox.put_nowait(_STOP)
+
+    def restart(self) -> None:
+        """Allow run() to be started again after a crash (state is kept)."""
+        self._stopped = False
+        self.crash_cause = None
+
+    def close(self) -> None:
+        """Release every resource the actor owns (fds, mappings). Idempotent."""
+
+    @property
+    def running(self) -> bool:
+        return self._running

@@ -1,0 +1,183 @@
+"""Typed values the op layer hands back: attributes, entries, statfs, dirents.
+
+These are what a protocol encoder turns into fuse_attr / fuse_entry_out /
+fuse_kstatfs / fuse_dirent(plus) bytes. They carry no I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as st
+from dataclasses import dataclass
+
+FUSE_ROOT_ID = 1
+
+# d_type values as in <dirent.h>; FUSE carries them in fuse_dirent.type.
+DT_UNKNOWN, DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 0, 1, 2, 4, 6, 8, 10, 12
+
+
+def dtype_of_mode(mode: int) -> int:
+    """d_type for an st_mode (the kernel wants the file type in readdir)."""
+    return (mode & 0o170000) >> 12
+
+
+@dataclass(slots=True)
+class Attr:
+    """struct fuse_attr. `ino` is the nodeid the client sees."""
+
+    ino: int
+    size: int
+    blocks: int
+    atime: int
+    mtime: int
+    ctime: int
+    atimensec: int
+    mtimensec: int
+    ctimensec: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    blksize: int
+    flags: int = 0
+
+    @classmethod
+    def from_stat(cls, nodeid: int, s: os.stat_result) -> Attr:
+        return cls(
+            ino=nodeid,
+            size=s.st_size,
+            blocks=s.st_blocks,
+            atime=int(s.st_atime_ns // 1_000_000_000),
+            mtime=int(s.st_mtime_ns // 1_000_000_000),
+            ctime=int(s.st_ctime_ns // 1_000_000_000),
+            atimensec=int(s.st_atime_ns % 1_000_000_000),
+            mtimensec=int(s.st_mtime_ns % 1_000_000_000),
+            ctimensec=int(s.st_ctime_ns % 1_000_000_000),
+            mode=s.st_mode,
+            nlink=min(s.st_nlink, 0xFFFFFFFF),
+            uid=s.st_uid,
+            gid=s.st_gid,
+            # fuse_attr.rdev is 32 bits: new_encode_dev() form, as the kernel decodes it.
+            rdev=_encode_dev(s.st_rdev),
+            blksize=s.st_blksize,
+        )
+
+    @property
+    def is_dir(self) -> bool:
+        return st.S_ISDIR(self.mode)
+
+    @property
+    def is_lnk(self) -> bool:
+        return st.S_ISLNK(self.mode)
+
+
+def _encode_dev(dev: int) -> int:
+    major, minor = os.major(dev), os.minor(dev)
+    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+
+
+def decode_dev(rdev: int) -> int:
+    """Inverse of the kernel's new_encode_dev, for MKNOD's 32-bit rdev."""
+    major = (rdev & 0xFFF00) >> 8
+    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
+@dataclass(slots=True)
+class Entry:
+    """struct fuse_entry_out. Every Entry handed to a client adds one lookup."""
+
+    nodeid: int
+    generation: int
+    attr: Attr
+    entry_valid: float  # seconds
+    attr_valid: float  # seconds
+
+
+@dataclass(slots=True)
+class StatFs:
+    """struct fuse_kstatfs."""
+
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int
+    namelen: int
+    frsize: int
+
+
+@dataclass(slots=True)
+class DirEntry:
+    """One fuse_dirent: `off` is the offset of the *next* entry (telldir cookie)."""
+
+    ino: int
+    off: int
+    type: int
+    name: bytes
+
+
+@dataclass(slots=True)
+class DirEntryPlus:
+    """One fuse_direntplus: a dirent and the Entry for it (nodeid 0 = no entry)."""
+
+    entry: Entry
+    dirent: DirEntry
+
+
+@dataclass(slots=True)
+class Opened:
+    """What OPEN / OPENDIR / CREATE return: the fh and fuse_open_out flags."""
+
+    fh: int
+    open_flags: int = 0  # FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH ...
+    backing_id: int = 0  # for FOPEN_PASSTHROUGH
+
+
+@dataclass(slots=True, frozen=True)
+class RequestContext:
+    """Who asked: the fuse_in_header's uid, gid, pid (and CREATE/MKNOD's umask)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+
+
+# fuse_setattr_in.valid bits (FATTR_*), used by the setattr op.
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+# fuse_open_out.open_flags bits.
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NONSEEKABLE = 1 << 2
+FOPEN_CACHE_DIR = 1 << 3
+FOPEN_STREAM = 1 << 4
+FOPEN_NOFLUSH = 1 << 5
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FOPEN_PASSTHROUGH = 1 << 7
+
+# Sizes of readdir records, so the op layer can fill exactly one reply buffer
+# (a READDIRPLUS entry that does not fit must not count as a lookup).
+FUSE_NAME_OFFSET = 24  # sizeof(struct fuse_dirent) without the name
+FUSE_ENTRY_OUT_SIZE = 128  # sizeof(struct fuse_entry_out)
+
+
+def dirent_size(namelen: int) -> int:
+    return (FUSE_NAME_OFFSET + namelen + 7) & ~7
+
+
+def direntplus_size(namelen: int) -> int:
+    return (FUSE_ENTRY_OUT_SIZE + FUSE_NAME_OFFSET + namelen + 7) & ~7

@@ -1,0 +1,102 @@
+"""The served filesystem: configuration plus the actors and the pool, under a supervisor.
+
+`Filesystem` is the one object op handlers receive. It holds no per-request
+state; everything mutable lives in an actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from actors.handles import HandleTable
+from actors.inode_table import InodeTable
+from runtime.blocking_pool import BlockingPool
+from runtime.supervisor import Supervisor
+
+SYMLINK_POLICIES = ("opaque", "follow", "deny")
+CACHE_MODES = ("never", "auto", "always")
+
+# entry/attr timeouts per cache mode (seconds). "always" relies on the watcher.
+_TIMEOUTS = {"never": 0.0, "auto": 1.0, "always": 86400.0}
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the thing and the fix."""
+
+
+@dataclass
+class FsConfig:
+    root: str
+    symlinks: str = "opaque"
+    cache: str = "auto"
+    writeback: bool = False
+    passthrough: bool = False
+    read_only: bool = False
+    max_inodes: int = 1 << 20  # cap on live O_PATH fds (EMFILE beyond)
+    max_handles: int = 1 << 18  # cap on open file/dir handles (EMFILE beyond)
+    pool_workers: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.symlinks not in SYMLINK_POLICIES:
+            raise ConfigError(
+                f"unknown symlink policy {self.symlinks!r}: use one of {', '.join(SYMLINK_POLICIES)}"
+            )
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"unknown cache mode {self.cache!r}: use one of {', '.join(CACHE_MODES)}")
+
+    @property
+    def entry_timeout(self) -> float:
+        return _TIMEOUTS[self.cache]
+
+    @property
+    def attr_timeout(self) -> float:
+        return _TIMEOUTS[self.cache]
+
+
+def check_root(root: str) -> str:
+    """Canonical root path, or ConfigError with a one-line reason."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise ConfigError(f"source directory {root} does not exist: create it or pass another path") from None
+    except PermissionError:
+        raise ConfigError(f"source directory {root} is not accessible: check its permissions") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"source {root} is not a directory: pass a directory to serve")
+    return os.path.realpath(root)
+
+
+class Filesystem:
+    """Config + actors + pool. Build with `async with Filesystem.running(config)`."""
+
+    def __init__(self, config: FsConfig):
+        config.root = check_root(config.root)
+        self.config = config
+        self.root_path = config.root
+        self.euid = os.geteuid()
+        self.egid = os.getegid()
+        self.pool = BlockingPool(config.pool_workers)
+        self.inodes = InodeTable(config.root, max_inodes=config.max_inodes)
+        self.handles = HandleTable(max_handles=config.max_handles)
+        self.dax = None  # actors.dax.DaxWindow when a DAX window is configured
+        self.watcher = None  # actors.watcher.Watcher when host changes are watched
+        self.supervisor = Supervisor()
+
+    def actors(self) -> list:
+        return [a for a in (self.inodes, self.handles, self.dax, self.watcher) if a is not None]
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, config: FsConfig) -> AsyncIterator[Filesystem]:
+        fs = cls(config)
+        async with fs.supervisor.started(fs.actors()):
+            try:
+                yield fs
+            finally:
+                fs.supervisor.request_stop()
+        fs.pool.shutdown()
