@@ -46,10 +46,19 @@ class Actor:
         self.inject_crash: BaseException | None = None
 
     # -- client side -------------------------------------------------------
-    async def ask(self, handler: Callable[..., Any], *args: Any) -> Any:
+    async def ask(
+        self, handler: Callable[..., Any], *args: Any, orphan: Callable[[Any], None] | None = None
+    ) -> Any:
+        """Run `handler(*args)` in the actor's task and return its result.
+
+        `orphan` is called with the result if the caller was cancelled before the
+        reply arrived, so results that own resources (a dup'ed fd) are not leaked.
+        """
         if self._stopped:
             raise ActorStopped(self.name)
         fut = asyncio.get_running_loop().create_future()
+        if orphan is not None:
+            fut.orphan = orphan  # type: ignore[attr-defined]
         await self._mailbox.put((handler, args, fut))
         return await fut
 
@@ -87,8 +96,11 @@ class Actor:
                     elif not fut.done():
                         fut.set_exception(exc)
                 else:
-                    if fut is not None and not fut.done():
-                        fut.set_result(result)
+                    if fut is not None:
+                        if not fut.done():
+                            fut.set_result(result)
+                        elif (orphan := getattr(fut, "orphan", None)) is not None:
+                            orphan(result)
         except BaseException as exc:
             self.crash_cause = exc
             raise

@@ -1,0 +1,119 @@
+"""The handle actor: fh -> open host fd, for files and directories.
+
+A distinct fh per OPEN/OPENDIR/CREATE; RELEASE/RELEASEDIR close. fhs are never
+reused while the server runs, so a stale fh from a confused or hostile client
+gets EBADF instead of someone else's file.
+
+Directory handles also hold the directory stream: the listing is read once per
+open handle (and again on a rewind to offset 0) and served with stable offsets,
+so a listing split over several READDIR calls neither skips nor repeats entries
+while the directory changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from runtime.actor import Actor
+from runtime.errno_map import FsError
+
+
+@dataclass(slots=True)
+class Handle:
+    fh: int
+    fd: int
+    nodeid: int
+    is_dir: bool
+    # Directory stream: tuple of (ino, d_type, name) with "." and ".." first;
+    # the entry at index i has offset i + 1 (the offset of the next entry).
+    entries: tuple | None = None
+    backing_id: int = 0  # FUSE passthrough backing id, closed on release
+
+
+class HandleTable(Actor):
+    name = "handles"
+
+    def __init__(self, max_handles: int = 1 << 18):
+        super().__init__()
+        self.max_handles = max_handles
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.refused = 0
+
+    # -- async API ----------------------------------------------------------
+    async def add(self, fd: int, nodeid: int, is_dir: bool, backing_id: int = 0) -> int:
+        """Adopt an open fd; returns its new fh (EMFILE if the cap is reached: fd closed)."""
+        return await self.ask(self._add, fd, nodeid, is_dir, backing_id)
+
+    async def dup_fd(self, fh: int, want_dir: bool | None = None) -> int:
+        """A dup of the fh's fd, owned by the caller. EBADF if unknown."""
+        return await self.ask(self._dup_fd, fh, want_dir, orphan=os.close)
+
+    async def check(self, fh: int, want_dir: bool | None = None) -> int:
+        """The nodeid of a live fh (EBADF if unknown)."""
+        return await self.ask(self._check, fh, want_dir)
+
+    async def remove(self, fh: int, want_dir: bool | None = None) -> Handle:
+        """Forget the fh; the caller closes Handle.fd (in the pool) and its backing id."""
+        return await self.ask(self._remove, fh, want_dir)
+
+    async def dir_entries(self, fh: int) -> tuple[tuple | None, int]:
+        """(cached stream or None, dup of the dir fd for (re)reading it)."""
+        return await self.ask(self._dir_entries, fh, orphan=_close_second)
+
+    async def set_dir_entries(self, fh: int, entries: tuple) -> None:
+        await self.ask(self._set_dir_entries, fh, entries)
+
+    async def count(self) -> int:
+        return await self.ask(lambda: len(self._handles))
+
+    # -- handlers -------------------------------------------------------------
+    def _lookup(self, fh: int, want_dir: bool | None) -> Handle:
+        h = self._handles.get(fh)
+        if h is None or (want_dir is not None and h.is_dir != want_dir):
+            raise FsError(errno.EBADF, f"unknown fh {fh}")
+        return h
+
+    def _add(self, fd: int, nodeid: int, is_dir: bool, backing_id: int) -> int:
+        if len(self._handles) >= self.max_handles:
+            os.close(fd)
+            self.refused += 1
+            raise FsError(errno.EMFILE, "too many open handles")
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(fh, fd, nodeid, is_dir, backing_id=backing_id)
+        return fh
+
+    def _dup_fd(self, fh: int, want_dir: bool | None) -> int:
+        return os.dup(self._lookup(fh, want_dir).fd)
+
+    def _check(self, fh: int, want_dir: bool | None) -> int:
+        return self._lookup(fh, want_dir).nodeid
+
+    def _remove(self, fh: int, want_dir: bool | None) -> Handle:
+        h = self._lookup(fh, want_dir)
+        del self._handles[fh]
+        return h
+
+    def _dir_entries(self, fh: int) -> tuple[tuple | None, int]:
+        h = self._lookup(fh, True)
+        return h.entries, os.dup(h.fd)
+
+    def _set_dir_entries(self, fh: int, entries: tuple) -> None:
+        h = self._handles.get(fh)
+        if h is not None:
+            h.entries = entries
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            try:
+                os.close(h.fd)
+            except OSError:
+                pass
+        self._handles.clear()
+
+
+def _close_second(result: tuple) -> None:
+    os.close(result[1])

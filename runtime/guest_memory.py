@@ -1,0 +1,141 @@
+"""Guest memory for the vhost-user backend: the frontend's regions, mapped from their fds.
+
+The frontend describes guest RAM as regions (vhost-user SET_MEM_TABLE, message 5):
+each has a guest-physical address, a size, the frontend's own virtual address for
+it (used by SET_VRING_ADDR, message 9) and an offset into the fd that backs it.
+Descriptor addresses are guest-physical; ring addresses are frontend-virtual.
+
+Everything the guest hands us is untrusted, so every translation checks that the
+whole range lies inside mapped regions and returns memoryview slices of the
+mmaps: a slice can never reach outside its region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from dataclasses import dataclass
+
+U64 = (1 << 64) - 1
+
+
+class GuestMemoryError(Exception):
+    """An address range that is not (entirely) guest memory."""
+
+
+@dataclass
+class Region:
+    guest_addr: int  # guest-physical start
+    size: int
+    user_addr: int  # the frontend's virtual address of the same bytes
+    mm: mmap.mmap
+    view: memoryview  # exactly [guest_addr, guest_addr + size)
+
+    def close(self) -> None:
+        self.view.release()
+        # In-flight requests may still hold slices (exports): the mapping then
+        # lives until the last slice goes away.
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+def map_region(fd: int, guest_addr: int, size: int, user_addr: int, mmap_offset: int) -> Region:
+    """mmap `size` bytes at `mmap_offset` of `fd` (the fd is not closed here)."""
+    if size <= 0 or guest_addr + size > U64 + 1 or user_addr + size > U64 + 1:
+        raise GuestMemoryError(f"bad memory region gpa={guest_addr:#x} size={size:#x}")
+    # mmap offsets must be page aligned; map from the page below and slice.
+    gran = mmap.ALLOCATIONGRANULARITY
+    base = mmap_offset - mmap_offset % gran
+    skip = mmap_offset - base
+    try:
+        mm = mmap.mmap(fd, size + skip, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise GuestMemoryError(f"cannot map guest memory region: {exc}") from None
+    view = memoryview(mm)[skip:skip + size]
+    return Region(guest_addr, size, user_addr, mm, view)
+
+
+class GuestMemory:
+    """The current memory table. Replaced as a whole on every SET_MEM_TABLE."""
+
+    def __init__(self, regions: list[Region] | None = None):
+        # Sorted by guest address so a range that spans adjacent regions is found in order.
+        self.regions = sorted(regions or [], key=lambda r: r.guest_addr)
+
+    @classmethod
+    def from_fds(cls, entries: list[tuple[int, int, int, int]], fds: list[int]) -> GuestMemory:
+        """entries: (guest_addr, size, user_addr, mmap_offset), one fd each. Closes the fds."""
+        regions: list[Region] = []
+        try:
+            if len(entries) != len(fds):
+                raise GuestMemoryError(f"{len(entries)} memory regions but {len(fds)} fds")
+            for (gpa, size, uaddr, off), fd in zip(entries, fds, strict=True):
+                regions.append(map_region(fd, gpa, size, uaddr, off))
+            mem = cls(regions)
+            mem._check_overlap()
+            return mem
+        except GuestMemoryError:
+            for r in regions:
+                r.close()
+            raise
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _check_overlap(self) -> None:
+        for a, b in zip(self.regions, self.regions[1:], strict=False):
+            if a.guest_addr + a.size > b.guest_addr:
+                raise GuestMemoryError("overlapping guest memory regions")
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.close()
+        self.regions = []
+
+    # -- translation -------------------------------------------------------
+    def _find(self, gpa: int) -> Region | None:
+        for r in self.regions:
+            if r.guest_addr <= gpa < r.guest_addr + r.size:
+                return r
+        return None
+
+    def slices(self, gpa: int, length: int) -> list[memoryview]:
+        """Views covering guest-physical [gpa, gpa+length): one per region crossed."""
+        if length < 0 or gpa < 0 or gpa + length > U64 + 1:
+            raise GuestMemoryError(f"address range overflows: {gpa:#x}+{length:#x}")
+        out: list[memoryview] = []
+        while length:
+            r = self._find(gpa)
+            if r is None:
+                raise GuestMemoryError(f"guest address {gpa:#x} is outside guest memory")
+            start = gpa - r.guest_addr
+            n = min(length, r.size - start)
+            out.append(r.view[start:start + n])
+            gpa += n
+            length -= n
+        return out
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """One contiguous view of guest-physical [gpa, gpa+length) (no spanning)."""
+        r = self._find(gpa)
+        if r is None or length < 0 or gpa + length > r.guest_addr + r.size:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not in one region")
+        start = gpa - r.guest_addr
+        return r.view[start:start + length]
+
+    def user_view(self, uaddr: int, length: int) -> memoryview:
+        """Like view(), for an address in the frontend's virtual address space."""
+        for r in self.regions:
+            if r.user_addr <= uaddr and uaddr + length <= r.user_addr + r.size and length >= 0:
+                start = uaddr - r.user_addr
+                return r.view[start:start + length]
+        raise GuestMemoryError(f"frontend address {uaddr:#x}+{length:#x} is not in one region")
+
+    def user_to_guest(self, uaddr: int) -> int:
+        for r in self.regions:
+            if r.user_addr <= uaddr < r.user_addr + r.size:
+                return r.guest_addr + (uaddr - r.user_addr)
+        raise GuestMemoryError(f"frontend address {uaddr:#x} is outside guest memory")
