@@ -85,6 +85,9 @@ class Filesystem:
         self.handles = HandleTable(max_handles=config.max_handles)
         self.dax = None  # actors.dax.DaxWindow when a DAX window is configured
         self.watcher = None  # actors.watcher.Watcher when host changes are watched
+        # FUSE passthrough: set by the /dev/fuse transport once INIT negotiated it;
+        # an object with open(fd) -> backing_id and close(backing_id).
+        self.backing = None
         self.supervisor = Supervisor()
 
     def actors(self) -> list:

@@ -1,0 +1,825 @@
+"""Op handlers: FUSE operations as host syscalls beneath the root.
+
+Plain `async def` functions over the actors and the blocking pool; they hold
+no state. Every host object is reached from an O_PATH fd held by the inode
+table, with *at() syscalls and one validated name component, never by a
+joined path. A file is (re)opened through its O_PATH fd via /proc/self/fd,
+which names the object itself, not a path that can be swapped.
+
+Pool jobs (the `_job_*` functions) run in a thread and own the fds they are
+given (the pool closes them when the job ends). Errors are OSError (host
+errno) or FsError (Linux errno); the dispatcher turns either into -errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+
+from actors.inode_table import KIND_DIR, KIND_SYMLINK
+from runtime import syscalls
+from runtime.attrs import (
+    DT_BLK,
+    DT_CHR,
+    DT_DIR,
+    DT_FIFO,
+    DT_LNK,
+    DT_REG,
+    DT_SOCK,
+    DT_UNKNOWN,
+    FATTR_ATIME,
+    FATTR_ATIME_NOW,
+    FATTR_FH,
+    FATTR_GID,
+    FATTR_MODE,
+    FATTR_MTIME,
+    FATTR_MTIME_NOW,
+    FATTR_SIZE,
+    FATTR_UID,
+    FOPEN_CACHE_DIR,
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    FOPEN_PASSTHROUGH,
+    FUSE_ROOT_ID,
+    Attr,
+    DirEntry,
+    DirEntryPlus,
+    Entry,
+    Opened,
+    RequestContext,
+    StatFs,
+    dirent_size,
+    direntplus_size,
+    dtype_of_mode,
+)
+from runtime.errno_map import FsError
+from runtime.filesystem import Filesystem
+
+NAME_MAX = 255
+MAX_IO = 32 << 20  # bigger READs than this are clamped (the kernel asks <= max_read)
+NO_FH = 2**64 - 1
+
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# open(2) flags a client may not pass through: we never create on OPEN, and
+# O_NOFOLLOW/O_PATH are meaningless when reopening through /proc/self/fd.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_PATH | os.O_DIRECTORY
+
+
+def proc_fd(fd: int) -> bytes:
+    return b"/proc/self/fd/%d" % fd
+
+
+def check_name(name: bytes) -> None:
+    """One path component: empty, ".", "..", "/" or NUL -> EINVAL; > 255 -> ENAMETOOLONG."""
+    if not name or name == b"." or name == b".." or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, f"bad name {name[:64]!r}")
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+
+
+def _ro(fs: Filesystem) -> None:
+    if fs.config.read_only:
+        raise FsError(errno.EROFS)
+
+
+def _entry(fs: Filesystem, nodeid: int, st: os.stat_result) -> Entry:
+    return Entry(
+        nodeid, 0, Attr.from_stat(st.st_ino, st), fs.config.entry_timeout, fs.config.attr_timeout
+    )
+
+
+# --------------------------------------------------------------------------
+# pool jobs (run in a thread)
+
+
+def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool):
+    """O_PATH fd + stat for parent/name under the symlink policy."""
+    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            if policy == "follow":
+                # The client sees the target (lstat fallback when broken).
+                try:
+                    tfd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd)
+                except OSError:
+                    pass
+                else:
+                    os.close(fd)
+                    fd = tfd
+                    st = os.fstat(fd)
+            else:
+                _check_contained(pfd, name, root)
+        dup = os.dup(fd) if want_dup and stat.S_ISDIR(st.st_mode) else -1
+        return fd, st, dup
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_contained(pfd: int, name: bytes, root: bytes) -> None:
+    """EACCES if the symlink parent/name resolves to an object outside the root.
+
+    Resolution is done by the kernel (open following the link) and the result
+    named through /proc/self/fd, so the check is about the object actually
+    reached, not string games. A broken or looping link is allowed (as the
+    reference does): it cannot be used to reach anything.
+    """
+    try:
+        tfd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd)
+    except OSError:
+        return
+    try:
+        real = os.readlink(proc_fd(tfd))
+    finally:
+        os.close(tfd)
+    if real != root and not real.startswith(root.rstrip(b"/") + b"/"):
+        raise FsError(errno.EACCES, "symlink points outside the root")
+
+
+def _own_new(fd: int, pst: os.stat_result, ctx: RequestContext, euid: int, egid: int) -> None:
+    """Give a new object to the requester, as a kernel filesystem would.
+
+    Only when we run as root and the requester is someone else. A setgid
+    parent directory already gave the object its group: keep that.
+    """
+    if euid != 0 or (ctx.uid == euid and ctx.gid == egid):
+        return
+    gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
+    syscalls.fchownat(fd, b"", ctx.uid, gid, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
+
+
+def _fix_mode(fd: int, want: int, umask_proc: int) -> None:
+    """Undo this process's umask: the client's mode & ~umask is what it asked for."""
+    if want & umask_proc:
+        os.chmod(proc_fd(fd), want & 0o7777)
+
+
+def _job_make(pfd, name, kind, mode, rdev, target, ctx, euid, egid, umask_proc):
+    """mkdir / mknod / symlink, then O_PATH + stat of the new object."""
+    if kind == "dir":
+        os.mkdir(name, mode, dir_fd=pfd)
+    elif kind == "node":
+        os.mknod(name, mode, rdev, dir_fd=pfd)
+    else:
+        os.symlink(target, name, dir_fd=pfd)
+    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
+    try:
+        _own_new(fd, os.fstat(pfd), ctx, euid, egid)
+        if kind != "symlink":
+            _fix_mode(fd, mode, umask_proc)
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc):
+    """Exclusive create (the client's O_EXCL is honoured; a stale negative dentry
+    in the client's cache that meets a file created on the host opens it)."""
+    base = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
+    created = True
+    try:
+        fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=pfd)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        created = False
+        fd = os.open(name, base, dir_fd=pfd)
+    try:
+        pfd2 = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
+        try:
+            if created:
+                _own_new(pfd2, os.fstat(pfd), ctx, euid, egid)
+                _fix_mode(pfd2, mode, umask_proc)
+            return fd, pfd2, os.fstat(pfd2)
+        except BaseException:
+            os.close(pfd2)
+            raise
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _job_readdir(dfd: int) -> tuple:
+    """The whole listing of an open directory: ((ino, d_type, name), ...), "." and ".." first."""
+    os.lseek(dfd, 0, os.SEEK_SET)
+    me = os.fstat(dfd).st_ino
+    out = [(me, DT_DIR, b"."), (me, DT_DIR, b"..")]
+    with os.scandir(dfd) as it:
+        for e in it:
+            if e.is_symlink():
+                t = DT_LNK
+            elif e.is_dir(follow_symlinks=False):
+                t = DT_DIR
+            elif e.is_file(follow_symlinks=False):
+                t = DT_REG
+            else:
+                t = _dtype_slow(dfd, e.name)
+            out.append((e.inode(), t, os.fsencode(e.name)))
+    return tuple(out)
+
+
+def _dtype_slow(dfd: int, name: str) -> int:
+    try:
+        return dtype_of_mode(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return DT_UNKNOWN
+
+
+_ = (DT_BLK, DT_CHR, DT_FIFO, DT_SOCK)
+
+
+def _job_lookup_many(pfd: int, names: list[bytes], policy: str, root: bytes, want_dup: bool):
+    out = []
+    for name in names:
+        try:
+            out.append((name, *_job_lookup(pfd, name, policy, root, want_dup)))
+        except (OSError, FsError):
+            out.append((name, -1, None, -1))
+    return out
+
+
+def _job_setattr(fd: int, is_handle: bool, kind: int, s, umask_proc: int) -> os.stat_result:
+    valid = s.valid
+    path = None if is_handle else proc_fd(fd)
+    if valid & FATTR_MODE:
+        if kind == KIND_SYMLINK and not is_handle:
+            raise FsError(errno.EOPNOTSUPP)  # Linux has no lchmod
+        os.chmod(fd if is_handle else path, s.mode & 0o7777)
+    if valid & (FATTR_UID | FATTR_GID):
+        uid = s.uid if valid & FATTR_UID else -1
+        gid = s.gid if valid & FATTR_GID else -1
+        syscalls.fchownat(fd, b"", uid, gid, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
+    if valid & FATTR_SIZE:
+        if kind == KIND_DIR:
+            raise FsError(errno.EISDIR)
+        if kind != 0 and not is_handle:
+            raise FsError(errno.EINVAL)
+        os.truncate(fd if is_handle else path, s.size)
+    if valid & (FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW):
+        omit = (0, syscalls.UTIME_OMIT)
+        now = (0, syscalls.UTIME_NOW)
+        at = now if valid & FATTR_ATIME_NOW else (s.atime, s.atimensec) if valid & FATTR_ATIME else omit
+        mt = now if valid & FATTR_MTIME_NOW else (s.mtime, s.mtimensec) if valid & FATTR_MTIME else omit
+        syscalls.utimensat(fd, b"", at, mt, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
+    return os.fstat(fd)
+
+
+def _fsync_fd(fd: int, datasync: bool) -> None:
+    if sys.platform == "darwin" and not os.environ.get("ACTORFS_FSYNC_WEAK"):
+        import fcntl
+
+        try:  # the strong form: flush the drive's cache too (as the reference)
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)  # type: ignore[attr-defined]
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EINVAL):
+                raise
+    if datasync:
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def _job_xattr(fd: int, kind: int, fn, *args):
+    """xattr syscalls on the object behind an O_PATH fd (f*xattr refuse O_PATH)."""
+    if kind == KIND_SYMLINK:
+        # Through /proc the symlink would be followed; user.* is not allowed on
+        # symlinks anyway (EPERM), and we never touch the link's target.
+        raise FsError(errno.EPERM if fn is not os.listxattr else errno.EOPNOTSUPP)
+    return fn(proc_fd(fd), *args)
+
+
+# --------------------------------------------------------------------------
+# ops
+
+
+async def _pool(fs: Filesystem, fds, fn, *args):
+    try:
+        return await fs.pool.run_owning(fds, fn, *args)
+    except (OverflowError, ValueError) as e:  # absurd offsets/sizes from a client
+        raise FsError(errno.EINVAL, str(e)) from None
+
+
+def _watch(fs: Filesystem, nodeid: int, fd: int, is_dir: bool) -> None:
+    """Hand a dup'ed O_PATH fd to the watcher (which owns it), or close it."""
+    w = fs.watcher
+    if w is None or fd < 0:
+        if fd >= 0:
+            os.close(fd)
+        return
+    w.watch(nodeid, fd, is_dir)
+
+
+async def lookup(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> Entry:
+    check_name(name)
+    pfd, pkind = await fs.inodes.dup_fd(parent)
+    if pkind != KIND_DIR:
+        os.close(pfd)
+        raise FsError(errno.ENOTDIR)
+    fd, st, wfd = await _pool(
+        fs, (pfd,), _job_lookup, pfd, name, fs.config.symlinks, fs.inodes.root, fs.watcher is not None
+    )
+    try:
+        nodeid = await fs.inodes.register(parent, name, fd, st)
+    except BaseException:
+        if wfd >= 0:
+            os.close(wfd)
+        raise
+    _watch(fs, nodeid, wfd, True)
+    return _entry(fs, nodeid, st)
+
+
+async def forget(fs: Filesystem, nodeid: int, nlookup: int) -> None:
+    if await fs.inodes.forget(nodeid, nlookup) and fs.watcher is not None:
+        fs.watcher.unwatch(nodeid)
+
+
+async def batch_forget(fs: Filesystem, items: list[tuple[int, int]]) -> None:
+    dropped = await fs.inodes.batch_forget(items)
+    if fs.watcher is not None:
+        for nodeid in dropped:
+            fs.watcher.unwatch(nodeid)
+
+
+async def getattr(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int | None = None) -> Attr:
+    if fh is not None:
+        fd = await fs.handles.dup_fd(fh)
+    else:
+        fd, _ = await fs.inodes.dup_fd(nodeid)
+    st = await _pool(fs, (fd,), os.fstat, fd)
+    return Attr.from_stat(st.st_ino, st)
+
+
+async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
+    _ro(fs)
+    ifd, kind = await fs.inodes.dup_fd(nodeid)
+    if s.valid & FATTR_FH:
+        try:
+            hfd = await fs.handles.dup_fd(s.fh, want_dir=None)
+        except BaseException:
+            os.close(ifd)
+            raise
+        fds, fd, is_handle = (ifd, hfd), hfd, True
+    else:
+        fds, fd, is_handle = (ifd,), ifd, False
+    st = await _pool(fs, fds, _job_setattr, fd, is_handle, kind, s, _proc_umask())
+    return Attr.from_stat(st.st_ino, st)
+
+
+async def readlink(fs: Filesystem, ctx: RequestContext, nodeid: int) -> bytes:
+    fd, kind = await fs.inodes.dup_fd(nodeid)
+    if kind != KIND_SYMLINK:
+        os.close(fd)
+        raise FsError(errno.EINVAL)
+    return await _pool(fs, (fd,), _readlink_fd, fd)
+
+
+def _readlink_fd(fd: int) -> bytes:
+    return os.fsencode(os.readlink("", dir_fd=fd))
+
+
+async def _make(fs, ctx, parent, name, kind, mode, rdev=0, target=b"") -> Entry:
+    _ro(fs)
+    check_name(name)
+    pfd, pkind = await fs.inodes.dup_fd(parent)
+    if pkind != KIND_DIR:
+        os.close(pfd)
+        raise FsError(errno.ENOTDIR)
+    fd, st = await _pool(
+        fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, ctx, fs.euid, fs.egid, _proc_umask()
+    )
+    wfd = os.dup(fd) if kind == "dir" and fs.watcher is not None else -1
+    nodeid = await fs.inodes.register(parent, name, fd, st)
+    _watch(fs, nodeid, wfd, True)
+    return _entry(fs, nodeid, st)
+
+
+async def mkdir(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, mode: int, umask: int = 0) -> Entry:
+    return await _make(fs, ctx, parent, name, "dir", (mode & ~umask) & 0o7777)
+
+
+async def mknod(
+    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, mode: int, rdev: int = 0, umask: int = 0
+) -> Entry:
+    fmt = stat.S_IFMT(mode)
+    if fmt == 0:
+        fmt = stat.S_IFREG
+    if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+        # Device nodes made by a client on the host are a way out of the root.
+        raise FsError(errno.EPERM, "device nodes are not created")
+    return await _make(fs, ctx, parent, name, "node", fmt | ((mode & ~umask) & 0o7777))
+
+
+async def symlink(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, target: bytes) -> Entry:
+    if fs.config.symlinks == "deny":
+        raise FsError(errno.EPERM, "symlinks are denied by policy")
+    if not target or b"\0" in target:
+        raise FsError(errno.EINVAL, "empty or NUL-containing symlink target")
+    if len(target) >= 4096:
+        raise FsError(errno.ENAMETOOLONG)
+    return await _make(fs, ctx, parent, name, "symlink", 0o777, 0, target)
+
+
+async def unlink(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> None:
+    await _remove(fs, parent, name, os.unlink)
+
+
+async def rmdir(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> None:
+    await _remove(fs, parent, name, os.rmdir)
+
+
+async def _remove(fs, parent, name, fn) -> None:
+    _ro(fs)
+    check_name(name)
+    pfd, _ = await fs.inodes.dup_fd(parent)
+    await _pool(fs, (pfd,), _remove_at, fn, name, pfd)
+    await fs.inodes.unlinked(parent, name)
+
+
+def _remove_at(fn, name: bytes, pfd: int) -> None:
+    fn(name, dir_fd=pfd)
+
+
+async def rename(
+    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, newparent: int, newname: bytes, flags: int = 0
+) -> None:
+    _ro(fs)
+    check_name(name)
+    check_name(newname)
+    allowed = syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE
+    if flags & ~allowed or flags == allowed:
+        raise FsError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
+    ofd, nfd = await fs.inodes.dup_two(parent, newparent)
+    await _pool(fs, (ofd, nfd), syscalls.renameat2, ofd, name, nfd, newname, flags)
+    await fs.inodes.renamed(parent, name, newparent, newname, bool(flags & syscalls.RENAME_EXCHANGE))
+
+
+async def link(fs: Filesystem, ctx: RequestContext, nodeid: int, newparent: int, newname: bytes) -> Entry:
+    _ro(fs)
+    if fs.config.symlinks == "deny":
+        raise FsError(errno.EPERM, "links are denied by policy")
+    check_name(newname)
+    sfd, nfd = await fs.inodes.dup_two(nodeid, newparent)
+    fd, st = await _pool(fs, (sfd, nfd), _job_link, sfd, nfd, newname)
+    nodeid2 = await fs.inodes.register(newparent, newname, fd, st)
+    return _entry(fs, nodeid2, st)
+
+
+def _job_link(sfd: int, nfd: int, newname: bytes):
+    # linkat through /proc/self/fd follows only the magic link, so the new name
+    # links the object itself (a symlink stays a symlink: link(2) never follows).
+    if stat.S_ISDIR(os.fstat(sfd).st_mode):
+        raise FsError(errno.EPERM)
+    os.link(proc_fd(sfd), newname, dst_dir_fd=nfd, follow_symlinks=True)
+    fd = os.open(newname, O_PATH_NOFOLLOW, dir_fd=nfd)
+    return fd, os.fstat(fd)
+
+
+def _open_flags(fs: Filesystem, flags: int) -> int:
+    flags &= ~_OPEN_STRIP
+    if fs.config.read_only and (flags & os.O_ACCMODE) != os.O_RDONLY or (fs.config.read_only and flags & os.O_TRUNC):
+        raise FsError(errno.EROFS)
+    if fs.config.writeback:
+        # With the writeback cache the kernel reads pages of write-only files and
+        # does appends itself at the offset it knows.
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        flags &= ~os.O_APPEND
+    return flags | os.O_CLOEXEC
+
+
+def _file_open_flags(fs: Filesystem) -> int:
+    cache = fs.config.cache
+    if cache == "never":
+        return FOPEN_DIRECT_IO
+    if cache == "always":
+        return FOPEN_KEEP_CACHE
+    return 0
+
+
+async def _opened(fs: Filesystem, fd: int, nodeid: int) -> Opened:
+    flags = _file_open_flags(fs)
+    backing = 0
+    b = fs.backing
+    if fs.config.passthrough and b is not None:
+        try:
+            backing = b.open(fd)
+        except OSError:
+            backing = 0  # fall back to normal reads and writes
+        if backing:
+            flags = (flags & ~FOPEN_DIRECT_IO) | FOPEN_PASSTHROUGH
+    try:
+        fh = await fs.handles.add(fd, nodeid, False, backing)
+    except BaseException:
+        if backing:
+            b.close(backing)
+        raise
+    return Opened(fh, flags, backing)
+
+
+async def open(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int) -> Opened:
+    oflags = _open_flags(fs, flags)
+    ifd, kind = await fs.inodes.dup_fd(nodeid)
+    if kind == KIND_DIR:
+        os.close(ifd)
+        raise FsError(errno.EISDIR)
+    if kind == KIND_SYMLINK:
+        os.close(ifd)
+        raise FsError(errno.ELOOP)
+    wfd = os.dup(ifd) if fs.watcher is not None else -1
+    try:
+        fd = await _pool(fs, (ifd,), _reopen, ifd, oflags)
+    except BaseException:
+        if wfd >= 0:
+            os.close(wfd)
+        raise
+    _watch(fs, nodeid, wfd, False)
+    return await _opened(fs, fd, nodeid)
+
+
+def _reopen(ifd: int, flags: int) -> int:
+    try:
+        return os.open(proc_fd(ifd), flags)
+    except PermissionError:
+        if flags & os.O_NOATIME:  # O_NOATIME needs ownership; drop it rather than fail
+            return os.open(proc_fd(ifd), flags & ~os.O_NOATIME)
+        raise
+
+
+async def create(
+    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, mode: int, flags: int, umask: int = 0
+) -> tuple[Entry, Opened]:
+    _ro(fs)
+    check_name(name)
+    oflags = _open_flags(fs, flags) | (flags & os.O_EXCL)
+    pfd, pkind = await fs.inodes.dup_fd(parent)
+    if pkind != KIND_DIR:
+        os.close(pfd)
+        raise FsError(errno.ENOTDIR)
+    fmode = (mode & ~umask) & 0o7777
+    fd, ifd, st = await _pool(
+        fs, (pfd,), _job_create, pfd, name, fmode, oflags, ctx, fs.euid, fs.egid, _proc_umask()
+    )
+    wfd = os.dup(ifd) if fs.watcher is not None else -1
+    try:
+        nodeid = await fs.inodes.register(parent, name, ifd, st)
+    except BaseException:
+        os.close(fd)
+        if wfd >= 0:
+            os.close(wfd)
+        raise
+    _watch(fs, nodeid, wfd, False)
+    opened = await _opened(fs, fd, nodeid)
+    return _entry(fs, nodeid, st), opened
+
+
+async def read(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+    fd = await fs.handles.dup_fd(fh, want_dir=False)
+    return await _pool(fs, (fd,), os.pread, fd, min(size, MAX_IO), offset)
+
+
+async def write(
+    fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, data, write_flags: int = 0
+) -> int:
+    fd = await fs.handles.dup_fd(fh, want_dir=False)
+    return await _pool(fs, (fd,), os.pwrite, fd, data, offset)
+
+
+async def statfs(fs: Filesystem, ctx: RequestContext, nodeid: int) -> StatFs:
+    fd, _ = await fs.inodes.dup_fd(nodeid)
+    s = await _pool(fs, (fd,), os.statvfs, fd)
+    return StatFs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize, min(s.f_namemax, NAME_MAX), s.f_frsize)
+
+
+async def release(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, flags: int = 0) -> None:
+    h = await fs.handles.remove(fh, want_dir=False)
+    if h.backing_id and fs.backing is not None:
+        try:
+            fs.backing.close(h.backing_id)
+        except OSError:
+            pass
+    await _pool(fs, (h.fd,), _noop)
+
+
+def _noop() -> None:
+    return None
+
+
+async def flush(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, lock_owner: int = 0) -> None:
+    # close() of a dup releases POSIX locks of the caller, as close(2) would.
+    fd = await fs.handles.dup_fd(fh, want_dir=False)
+    await _pool(fs, (fd,), _noop)
+
+
+async def fsync(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, datasync: bool = False) -> None:
+    fd = await fs.handles.dup_fd(fh, want_dir=False)
+    await _pool(fs, (fd,), _fsync_fd, fd, bool(datasync))
+
+
+async def opendir(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int = 0) -> Opened:
+    ifd, kind = await fs.inodes.dup_fd(nodeid)
+    if kind != KIND_DIR:
+        os.close(ifd)
+        raise FsError(errno.ENOTDIR)
+    fd = await _pool(fs, (ifd,), os.open, proc_fd(ifd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fh = await fs.handles.add(fd, nodeid, True)
+    flags_out = FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE if fs.config.cache == "always" else 0
+    return Opened(fh, flags_out)
+
+
+async def _dir_slice(fs: Filesystem, fh: int, offset: int) -> tuple:
+    entries, dfd = await fs.handles.dir_entries(fh)
+    if entries is None or offset == 0:
+        entries = await _pool(fs, (dfd,), _job_readdir, dfd)
+        await fs.handles.set_dir_entries(fh, entries)
+    else:
+        os.close(dfd)
+    if offset < 0 or offset > len(entries):
+        return entries, len(entries)
+    return entries, offset
+
+
+async def readdir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int) -> list[DirEntry]:
+    entries, start = await _dir_slice(fs, fh, offset)
+    out, used = [], 0
+    for i in range(start, len(entries)):
+        ino, t, name = entries[i]
+        used += dirent_size(len(name))
+        if used > size:
+            break
+        out.append(DirEntry(ino, i + 1, t, name))
+    return out
+
+
+async def readdirplus(
+    fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int
+) -> list[DirEntryPlus]:
+    entries, start = await _dir_slice(fs, fh, offset)
+    fit, used = [], 0
+    for i in range(start, len(entries)):
+        name = entries[i][2]
+        used += direntplus_size(len(name))
+        if used > size:
+            break
+        fit.append(i)
+    names = [entries[i][2] for i in fit if entries[i][2] not in (b".", b"..")]
+    found: dict[bytes, Entry] = {}
+    if names:
+        pfd, _ = await fs.inodes.dup_fd(nodeid)
+        want_dup = fs.watcher is not None
+        results = await _pool(
+            fs, (pfd,), _job_lookup_many, pfd, names, fs.config.symlinks, fs.inodes.root, want_dup
+        )
+        ok = [(n, fd, st) for n, fd, st, _ in results if fd >= 0]
+        nodeids = await fs.inodes.register_many(nodeid, ok) if ok else []
+        for (n, _fd, st), nid in zip(ok, nodeids, strict=True):
+            if nid:
+                found[n] = _entry(fs, nid, st)
+        for n, _fd, _st, wfd in results:
+            if wfd >= 0:
+                e = found.get(n)
+                if e is not None:
+                    _watch(fs, e.nodeid, wfd, True)
+                else:
+                    os.close(wfd)
+    out = []
+    for i in fit:
+        ino, t, name = entries[i]
+        e = found.get(name)
+        if e is None:  # ".", "..", or vanished/refused: a plain dirent, no lookup counted
+            e = Entry(0, 0, Attr(ino, 0, 0, 0, 0, 0, 0, 0, 0, t << 12, 0, 0, 0, 0, 0), 0.0, 0.0)
+        out.append(DirEntryPlus(e, DirEntry(ino, i + 1, t, name)))
+    return out
+
+
+async def releasedir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int) -> None:
+    h = await fs.handles.remove(fh, want_dir=True)
+    await _pool(fs, (h.fd,), _noop)
+
+
+async def fsyncdir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, datasync: bool = False) -> None:
+    fd = await fs.handles.dup_fd(fh, want_dir=True)
+    await _pool(fs, (fd,), _fsync_fd, fd, bool(datasync))
+
+
+async def access(fs: Filesystem, ctx: RequestContext, nodeid: int, mask: int) -> None:
+    fd, _ = await fs.inodes.dup_fd(nodeid)
+    st = await _pool(fs, (fd,), os.fstat, fd)
+    if mask & os.W_OK and fs.config.read_only:
+        raise FsError(errno.EROFS)
+    if mask == os.F_OK:
+        return
+    mode = st.st_mode
+    if ctx.uid == 0:
+        # root may read and write anything; execute needs some x bit (or a directory).
+        if mask & os.X_OK and not (mode & 0o111 or stat.S_ISDIR(mode)):
+            raise FsError(errno.EACCES)
+        return
+    if ctx.uid == st.st_uid:
+        bits = (mode >> 6) & 7
+    elif ctx.gid == st.st_gid:
+        bits = (mode >> 3) & 7
+    else:
+        bits = mode & 7
+    if mask & 7 & ~bits:
+        raise FsError(errno.EACCES)
+
+
+async def _xattr(fs, nodeid, fn, *args):
+    fd, kind = await fs.inodes.dup_fd(nodeid)
+    return await _pool(fs, (fd,), _job_xattr, fd, kind, fn, *args)
+
+
+async def setxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    _ro(fs)
+    _check_xattr_name(name)
+    await _xattr(fs, nodeid, os.setxattr, name, bytes(value), flags)
+
+
+async def getxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes, size: int) -> bytes | int:
+    _check_xattr_name(name)
+    value = await _xattr(fs, nodeid, os.getxattr, name)
+    if size == 0:
+        return len(value)
+    if len(value) > size:
+        raise FsError(errno.ERANGE)
+    return value
+
+
+async def listxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, size: int) -> bytes | int:
+    names = await _xattr(fs, nodeid, os.listxattr)
+    blob = b"".join(os.fsencode(n) + b"\0" for n in names)
+    if size == 0:
+        return len(blob)
+    if len(blob) > size:
+        raise FsError(errno.ERANGE)
+    return blob
+
+
+async def removexattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes) -> None:
+    _ro(fs)
+    _check_xattr_name(name)
+    await _xattr(fs, nodeid, os.removexattr, name)
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name or b"\0" in name:
+        raise FsError(errno.EINVAL)
+    if len(name) > 255:
+        raise FsError(errno.ERANGE)
+
+
+async def fallocate(
+    fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, length: int, mode: int = 0
+) -> None:
+    _ro(fs)
+    fd = await fs.handles.dup_fd(fh, want_dir=False)
+    await _pool(fs, (fd,), syscalls.fallocate, fd, mode, offset, length)
+
+
+async def lseek(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, whence: int) -> int:
+    if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+        raise FsError(errno.EINVAL)
+    fd = await fs.handles.dup_fd(fh, want_dir=False)
+    return await _pool(fs, (fd,), os.lseek, fd, offset, whence)
+
+
+async def copy_file_range(
+    fs: Filesystem, ctx: RequestContext, nodeid_in: int, fh_in: int, off_in: int,
+    nodeid_out: int, fh_out: int, off_out: int, length: int, flags: int = 0,
+) -> int:  # fmt: skip
+    _ro(fs)
+    if flags:
+        raise FsError(errno.EINVAL)
+    fin = await fs.handles.dup_fd(fh_in, want_dir=False)
+    try:
+        fout = await fs.handles.dup_fd(fh_out, want_dir=False)
+    except BaseException:
+        os.close(fin)
+        raise
+    return await _pool(fs, (fin, fout), os.copy_file_range, fin, fout, min(length, MAX_IO), off_in, off_out)
+
+
+_UMASK: int | None = None
+
+
+def _proc_umask() -> int:
+    """This process's umask (read once; the CLI sets 0, an embedder may not)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+__all__ = [
+    "FUSE_ROOT_ID", "NO_FH", "access", "batch_forget", "check_name", "copy_file_range", "create",
+    "fallocate", "flush", "forget", "fsync", "fsyncdir", "getattr", "getxattr", "link",
+    "listxattr", "lookup", "lseek", "mkdir", "mknod", "open", "opendir", "read", "readdir",
+    "readdirplus", "readlink", "release", "releasedir", "removexattr", "rename", "rmdir",
+    "setattr", "setxattr", "statfs", "symlink", "unlink", "write",
+]  # fmt: skip

@@ -1,0 +1,44 @@
+"""Shared helpers for op-layer tests: a running Filesystem over a tmp dir."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from runtime import ops
+from runtime.attrs import RequestContext
+from runtime.filesystem import Filesystem, FsConfig
+
+CTX = RequestContext(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid())
+ROOT = 1
+
+
+@contextlib.asynccontextmanager
+async def running(root, **kw):
+    async with Filesystem.running(FsConfig(root=str(root), **kw)) as fs:
+        yield fs
+
+
+class SetattrIn:
+    """The fuse_setattr_in fields the setattr op reads."""
+
+    def __init__(self, valid, **kw):
+        self.valid = valid
+        self.fh = kw.get("fh", 0)
+        for f in ("size", "atime", "mtime", "ctime", "atimensec", "mtimensec", "ctimensec",
+                  "mode", "uid", "gid"):  # fmt: skip
+            setattr(self, f, kw.get(f, 0))
+
+
+async def errno_of(coro) -> int:
+    """Await an op that must fail; its Linux errno."""
+    from runtime.errno_map import linux_errno_of
+
+    try:
+        await coro
+    except Exception as exc:  # noqa: BLE001
+        return linux_errno_of(exc)
+    raise AssertionError("op succeeded but an error was expected")
+
+
+__all__ = ["CTX", "ROOT", "SetattrIn", "errno_of", "ops", "running"]
