@@ -1,17 +1,19 @@
 import os
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for p in (ROOT, os.path.join(ROOT, "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
 try:
-    import uvloop  # noqa: F401
-
-    @pytest.fixture(scope="session")
-    def event_loop_policy():
-        return uvloop.EventLoopPolicy()
+    import uvloop
 except ImportError:  # pragma: no cover
-    pass
+    uvloop = None
+
+
+def pytest_asyncio_loop_factories(config, item):
+    # The tests run on the loop the CLI uses.
+    if uvloop is not None:
+        return {"uvloop": uvloop.new_event_loop}
+    return None
