@@ -91,8 +91,12 @@ class Mapping:
     def piece(self, start: int, end: int) -> Mapping:
         """The part of this mapping over window [start, end)."""
         return Mapping(
-            start, end - start, self.foffset + (start - self.start), self.identity,
-            self.writable, self.file,
+            start,
+            end - start,
+            self.foffset + (start - self.start),
+            self.identity,
+            self.writable,
+            self.file,
         )
 
 

@@ -53,7 +53,12 @@ U64 = struct.Struct("<Q")
 
 
 def encode_mmap(
-    request: int, shmid: int, fd_offset: int, shm_offset: int, length: int, flags: int,
+    request: int,
+    shmid: int,
+    fd_offset: int,
+    shm_offset: int,
+    length: int,
+    flags: int,
     need_reply: bool,
 ) -> bytes:
     """One SHMEM_MAP / SHMEM_UNMAP message (header + VhostUserMMap)."""
@@ -93,7 +98,10 @@ class DaxChannel:
     """
 
     def __init__(
-        self, sock: socket.socket, reply_ack: bool = True, shmid: int = VIRTIO_FS_SHMCAP_ID_CACHE,
+        self,
+        sock: socket.socket,
+        reply_ack: bool = True,
+        shmid: int = VIRTIO_FS_SHMCAP_ID_CACHE,
         timeout: float | None = 10.0,
     ):
         self.sock = sock

@@ -104,11 +104,17 @@ class DaxReceiver:
             if request == VHOST_USER_BACKEND_SHMEM_MAP:
                 if len(fds) != 1 or mflags & ~VHOST_USER_MMAP_FLAG_RW:
                     return errno.EINVAL
-                if any(s < shm_offset + length and shm_offset < s + n for s, n in self.regions.items()):
+                if any(
+                    s < shm_offset + length and shm_offset < s + n for s, n in self.regions.items()
+                ):
                     return errno.EEXIST  # mapping over an existing map is not allowed
                 try:
                     self.view.map_fd(
-                        shm_offset, length, fds[0], fd_offset, bool(mflags & VHOST_USER_MMAP_FLAG_RW)
+                        shm_offset,
+                        length,
+                        fds[0],
+                        fd_offset,
+                        bool(mflags & VHOST_USER_MMAP_FLAG_RW),
                     )
                 except OSError as exc:
                     return exc.errno or errno.EIO

@@ -34,7 +34,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
 _mmap.restype = ctypes.c_void_p
 _mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
 ]
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
@@ -43,7 +48,13 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 # integer arguments is correct for the Linux calling conventions we run on.
 _mremap = _libc.mremap
 _mremap.restype = ctypes.c_void_p
-_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_mremap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+]
 _msync = _libc.msync
 _msync.restype = ctypes.c_int
 _msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -193,8 +204,12 @@ class ShmView:
         """Put the window's own shm pages back over [offset, offset+length)."""
         self._live()
         mmap_at(
-            self.base + offset, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-            self.fd, offset,
+            self.base + offset,
+            length,
+            PROT_READ | PROT_WRITE,
+            MAP_SHARED | MAP_FIXED,
+            self.fd,
+            offset,
         )
 
     # -- access (tests, an embedding hypervisor) -----------------------------------
