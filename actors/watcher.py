@@ -1,0 +1,480 @@
+"""The watcher actor: host-side changes -> FUSE invalidation notices.
+
+A client that caches entries, attributes and pages for a long time (`--cache
+always`) must learn when something on the host changes a file it has seen.
+The op layer asks the watcher to watch each directory the client looks up and
+each file it opens or maps; the watcher turns inotify events into notices:
+
+- content change of a watched inode (IN_MODIFY, IN_CLOSE_WRITE, also seen as a
+  named child event in a watched directory): INVAL_INODE(nodeid, 0, 0), which
+  drops the attributes and every cached page;
+- attribute change (IN_ATTRIB): INVAL_INODE(nodeid, -1, 0), attributes only
+  (a negative offset leaves the pages alone);
+- a name created, deleted or moved in a watched directory: INVAL_ENTRY(parent,
+  name), or DELETE(parent, child, name) for a deletion whose child nodeid is
+  known (falling back to INVAL_ENTRY when the kernel refuses it), plus the
+  directory's own attributes and readdir cache.
+
+INVAL_ENTRY is never sent for a plain attribute or content change: it makes the
+kernel drop the dentry, and a mount stacked on that dentry would then be
+bypassed by the next lookup (the reference backend learned this the hard way,
+from atime updates under a stacked node_modules mount).
+
+Watches follow the inode, not a path: the op layer hands over a dup'ed O_PATH
+fd, the watch is added on /proc/self/fd/N and the fd closed. A watch lives until
+the server forgets the inode (unwatch), or the kernel drops it (the inode was
+deleted: IN_DELETE_SELF / IN_IGNORED). A watched inode renamed on the host is
+still the client's nodeid, so its watch stays: the name it had is invalidated.
+
+Events are collected for a short window and deduplicated per notice, so a burst
+(one editor save, a build writing a file) costs a few notices. Notices are sent
+by the watcher's own sender task, never from a request; a synchronous notifier
+is called in the watcher's own thread, because a /dev/fuse notify write can wait
+in the kernel on a page or directory lock held by a request whose reply the
+event loop still has to write.
+
+State (the watch maps and the pending batch) is owned by the mailbox task;
+inotify readiness only posts a message to it. The sender task takes a finished
+batch through the mailbox and owns nothing else but its delivery counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import anyio
+
+from runtime import inotify
+from runtime.actor import Actor
+from runtime.attrs import FUSE_ROOT_ID
+from runtime.errno_map import FsError
+
+log = logging.getLogger("actorfs.watcher")
+
+DEFAULT_WINDOW = 0.015  # seconds of events merged into one batch of notices
+DEFAULT_MAX_WATCHES = 1 << 16
+
+_CONTENT = inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE
+_NAMES = inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO
+_SELF_GONE = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
+FILE_MASK = _CONTENT | inotify.IN_ATTRIB | _SELF_GONE
+# A directory watch also reports its children's content and attribute changes
+# (by name), which covers files the client has looked up but not opened.
+# EXCL_UNLINK: no events from children after they were unlinked.
+DIR_MASK = FILE_MASK | _NAMES | inotify.IN_ONLYDIR | inotify.IN_EXCL_UNLINK
+
+NOTICE_KINDS = ("inval_inode", "inval_entry", "delete")
+
+
+@dataclass(slots=True)
+class Watched:
+    nodeid: int
+    wd: int
+    is_dir: bool
+    parent: int | None
+    name: bytes | None
+
+
+@dataclass
+class Batch:
+    """Notices waiting for the end of the coalescing window."""
+
+    # nodeid -> content changed too (else attributes only)
+    inodes: dict[int, bool] = field(default_factory=dict)
+    # (parent, name) of a changed child of a watched directory -> content changed
+    children: dict[tuple[int, bytes], bool] = field(default_factory=dict)
+    # (parent, name) whose entry changed -> the last event was a deletion
+    entries: dict[tuple[int, bytes], bool] = field(default_factory=dict)
+    overflow: bool = False
+    # filled when taken: every watch (for an overflow) and the notifier to use
+    watched: list[tuple[int, int | None, bytes | None]] = field(default_factory=list)
+    notifier: object | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.inodes or self.children or self.entries or self.overflow)
+
+
+class Watcher(Actor):
+    """Watches host inodes for the client; see the module docstring.
+
+    The op layer's API is synchronous and fire-and-forget (built on Actor.tell),
+    so a request never waits on the watcher:
+
+    - ``watch(nodeid, fd, is_dir, parent=None, name=None) -> bool``
+    - ``unwatch(nodeid) -> bool``
+    - ``set_notifier(notifier)``
+    - ``stats() -> dict``
+    """
+
+    name = "watcher"
+
+    def __init__(
+        self,
+        fs=None,
+        notifier=None,
+        *,
+        window: float = DEFAULT_WINDOW,
+        max_watches: int | None = None,
+        mailbox_size: int = 1 << 16,
+    ):
+        super().__init__(mailbox_size)
+        self.inodes = fs.inodes if fs is not None else None  # for (parent, name) -> nodeid
+        self.notifier = notifier
+        self.window = window
+        self.max_watches = min(max_watches or DEFAULT_MAX_WATCHES, inotify.max_user_watches())
+        self._ino: inotify.Inotify | None = None
+        self._init_error: OSError | None = None
+        self._by_nodeid: dict[int, Watched] = {}
+        self._by_wd: dict[int, int] = {}
+        self._batch = Batch()
+        self._work = asyncio.Event()  # set while a batch is pending
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
+        # counters
+        self.events = 0
+        self.coalesced = 0
+        self.batches = 0
+        self.overflows = 0
+        self.watches_added = 0
+        self.watches_removed = 0
+        self.watches_refused = 0  # our bound or the kernel's (ENOSPC)
+        self.watch_errors = 0  # the inode could not be watched (EACCES, ENOENT...)
+        self.sent = dict.fromkeys(NOTICE_KINDS, 0)
+        self.undelivered = dict.fromkeys(NOTICE_KINDS, 0)
+        try:
+            self._ino = inotify.Inotify()
+        except OSError as exc:  # EMFILE: too many inotify instances for this user
+            self._init_error = exc
+            log.warning("host changes are not watched: inotify_init1 failed: %s", exc)
+        if fs is not None:
+            self.watch(FUSE_ROOT_ID, os.dup(fs.inodes.root_fd), True)
+
+    # -- the op layer's API (sync, never waits) ---------------------------------
+    def watch(
+        self,
+        nodeid: int,
+        fd: int,
+        is_dir: bool,
+        parent: int | None = None,
+        name: bytes | None = None,
+    ) -> bool:
+        """Watch the inode behind `fd` (an O_PATH fd this call takes over) as `nodeid`."""
+        if self.tell(self._watch, nodeid, fd, is_dir, parent, name):
+            return True
+        os.close(fd)
+        self.watches_refused += 1
+        return False
+
+    def unwatch(self, nodeid: int) -> bool:
+        """The server forgot `nodeid`: drop its watch."""
+        return self.tell(self._unwatch, nodeid)
+
+    def set_notifier(self, notifier) -> None:
+        """Swap the notifier (None: notices are counted as undelivered)."""
+        if not self.tell(self._set_notifier, notifier):
+            self.notifier = notifier  # not running: nobody else reads it now
+
+    def stats(self) -> dict:
+        return {
+            "events": self.events,
+            "coalesced": self.coalesced,
+            "batches": self.batches,
+            "overflows": self.overflows,
+            "watches_active": len(self._by_nodeid),
+            "watches_added": self.watches_added,
+            "watches_removed": self.watches_removed,
+            "watches_refused": self.watches_refused,
+            "watch_errors": self.watch_errors,
+            "max_watches": self.max_watches,
+            "sent": dict(self.sent),
+            "undelivered": dict(self.undelivered),
+            "inotify": self._init_error is None,
+        }
+
+    async def watched(self) -> dict[int, tuple[bool, int | None, bytes | None]]:
+        """nodeid -> (is_dir, parent, name) of every live watch (tests, debugging)."""
+        return await self.ask(
+            lambda: {n: (w.is_dir, w.parent, w.name) for n, w in self._by_nodeid.items()}
+        )
+
+    # -- handlers (the mailbox task) --------------------------------------------
+    def _watch(self, nodeid, fd, is_dir, parent, name) -> None:
+        try:
+            w = self._by_nodeid.get(nodeid)
+            if w is not None:
+                if name is not None:  # the client may know it under a new name now
+                    w.parent, w.name = parent, name
+                return
+            if self._ino is None or self._ino.closed or len(self._by_nodeid) >= self.max_watches:
+                self.watches_refused += 1
+                return
+            try:
+                wd = self._ino.add_watch(
+                    b"/proc/self/fd/%d" % fd, DIR_MASK if is_dir else FILE_MASK
+                )
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:  # the kernel's max_user_watches
+                    self.watches_refused += 1
+                else:
+                    self.watch_errors += 1
+                log.debug("watch %d failed: %s", nodeid, exc)
+                return
+        finally:
+            os.close(fd)
+        prev = self._by_wd.get(wd)
+        if prev is not None:
+            # The same host inode under a new nodeid (the old one is being
+            # forgotten): the kernel watch is shared, the newer nodeid owns it.
+            self._by_nodeid.pop(prev, None)
+        self._by_wd[wd] = nodeid
+        self._by_nodeid[nodeid] = Watched(nodeid, wd, is_dir, parent, name)
+        self.watches_added += 1
+
+    def _unwatch(self, nodeid: int) -> None:
+        w = self._by_nodeid.pop(nodeid, None)
+        if w is None:
+            return
+        self.watches_removed += 1
+        if self._by_wd.get(w.wd) == nodeid:
+            del self._by_wd[w.wd]
+            if self._ino is not None and not self._ino.closed:
+                with contextlib.suppress(OSError):  # EINVAL: the kernel dropped it already
+                    self._ino.rm_watch(w.wd)
+
+    def _set_notifier(self, notifier) -> None:
+        self.notifier = notifier
+
+    def _drain(self) -> None:
+        """inotify is readable: fold every queued event into the pending batch."""
+        if self._ino is None or self._ino.closed:
+            return
+        try:
+            for wd, mask, _cookie, name in self._ino.read_events():
+                self._on_event(wd, mask, name)
+        finally:
+            self._arm()
+        if self._batch:
+            self._work.set()
+
+    def _on_event(self, wd: int, mask: int, name: bytes | None) -> None:
+        self.events += 1
+        b = self._batch
+        if mask & inotify.IN_Q_OVERFLOW:
+            self.overflows += 1
+            b.overflow = True
+            return
+        nodeid = self._by_wd.get(wd)
+        if nodeid is None:
+            return  # a watch we already dropped
+        w = self._by_nodeid[nodeid]
+        if mask & inotify.IN_IGNORED:  # the kernel removed the watch
+            del self._by_wd[wd]
+            del self._by_nodeid[nodeid]
+            self.watches_removed += 1
+            return
+        if name is None:  # the watched inode itself
+            if mask & _CONTENT:
+                self._mark(b.inodes, nodeid, True)
+            elif mask & inotify.IN_ATTRIB:
+                self._mark(b.inodes, nodeid, False)
+            if mask & _SELF_GONE:
+                # Deleted (its last link) or renamed: the name the client
+                # knew it by no longer leads to it; its nlink/ctime changed.
+                self._mark(b.inodes, nodeid, False)
+                if w.parent is not None and w.name is not None:
+                    self._mark(b.entries, (w.parent, w.name), False)
+            return
+        if mask & _NAMES:
+            self._mark(b.entries, (nodeid, name), bool(mask & inotify.IN_DELETE), last=True)
+            # the directory's mtime, size and readdir cache
+            self._mark(b.inodes, nodeid, True)
+        elif mask & _CONTENT:
+            self._mark(b.children, (nodeid, name), True)
+        elif mask & inotify.IN_ATTRIB:
+            self._mark(b.children, (nodeid, name), False)
+
+    def _mark(self, d: dict, key, flag: bool, last: bool = False) -> None:
+        """Merge one notice into the batch; `last`: the newest flag wins, else any."""
+        if key in d:
+            self.coalesced += 1
+            d[key] = flag if last else (d[key] or flag)
+        else:
+            d[key] = flag
+
+    def _take_batch(self) -> Batch | None:
+        self._work.clear()
+        b, self._batch = self._batch, Batch()
+        if not b:
+            return None
+        if b.overflow:
+            b.watched = [(w.nodeid, w.parent, w.name) for w in self._by_nodeid.values()]
+        b.notifier = self.notifier
+        return b
+
+    # -- the run loop: mailbox + inotify + sender -------------------------------
+    def _arm(self) -> None:
+        if self._loop is None or self._armed or self._stopped:
+            return
+        if self._ino is None or self._ino.closed:
+            return
+        self._loop.add_reader(self._ino.fd, self._on_readable)
+        self._armed = True
+
+    def _disarm(self) -> None:
+        if self._armed and self._loop is not None and self._ino is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._ino.fd)
+        self._armed = False
+
+    def _on_readable(self) -> None:
+        # One drain message at a time: stop watching the fd until it ran.
+        self._disarm()
+        try:
+            self._mailbox.put_nowait((self._drain, (), None))
+        except asyncio.QueueFull:
+            # Handlers are plain functions run one at a time on this thread,
+            # so running this one here cannot interleave with another.
+            self._drain()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="actorfs-notify")
+        sender = asyncio.create_task(self._send_loop(), name="watcher:send")
+        self._armed = False
+        self._arm()
+        if self._batch:  # left from before a crash
+            self._work.set()
+        try:
+            await super().run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._disarm()
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+                await self._wait_inflight()
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+                if self._stopped:  # a clean stop, not a crash to restart from
+                    self._close_inotify()
+
+    async def _wait_inflight(self) -> None:
+        """Let a notify write already in the kernel finish (bounded), so no thread lingers."""
+        fut = self._inflight
+        if fut is not None and not fut.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), 1.0)
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._work.wait()
+            await asyncio.sleep(self.window)  # let the burst finish
+            try:
+                batch = await self.ask(self._take_batch)
+            except FsError:
+                return  # stopped
+            if batch is not None:
+                self.batches += 1
+                await self._deliver(batch)
+
+    async def _child(self, parent: int, name: bytes) -> int | None:
+        if self.inodes is None:
+            return None
+        try:
+            return await self.inodes.child(parent, name)
+        except FsError:
+            return None
+
+    async def _deliver(self, b: Batch) -> None:
+        inodes = dict(b.inodes)
+        entries = dict(b.entries)
+        if b.overflow:
+            # Events were lost: every watched inode may have changed, and any
+            # name we know may now lead elsewhere.
+            for nodeid, parent, name in b.watched:
+                inodes[nodeid] = True
+                if parent is not None and name is not None:
+                    entries.setdefault((parent, name), False)
+        for (parent, name), data in b.children.items():
+            child = await self._child(parent, name)
+            if child is not None:
+                inodes[child] = inodes.get(child, False) or data
+        n = b.notifier
+        calls: list[tuple] = []
+        for nodeid, data in inodes.items():
+            calls.append(("inval_inode", nodeid, 0 if data else -1, 0))
+        for (parent, name), deleted in entries.items():
+            child = await self._child(parent, name) if deleted else None
+            if child is not None and getattr(n, "delete", None) is not None:
+                calls.append(("delete", parent, child, name))
+            else:
+                calls.append(("inval_entry", parent, name))
+        if n is None:
+            for call in calls:
+                self.undelivered[call[0]] += 1
+            return
+        if inspect.iscoroutinefunction(getattr(n, "inval_inode", None)):
+            results = []
+            for call in calls:
+                r = _notify(n, call)
+                results.extend(_with_fallback(n, call, await r if inspect.isawaitable(r) else r))
+            for i, (kind, r) in enumerate(results):  # a fallback INVAL_ENTRY, if any
+                if inspect.isawaitable(r):
+                    results[i] = (kind, await r)
+        else:
+            self._inflight = self._executor.submit(_notify_all, n, calls)
+            results = await asyncio.wrap_future(self._inflight)
+            self._inflight = None
+        for kind, ok in results:
+            self.sent[kind] += 1
+            if ok is False:
+                self.undelivered[kind] += 1
+
+    def _close_inotify(self) -> None:
+        if self._ino is not None:
+            self._disarm()
+            self._ino.close()  # drops every kernel watch with it
+        self._by_nodeid.clear()
+        self._by_wd.clear()
+
+    def close(self) -> None:
+        self._close_inotify()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def _notify(n, call: tuple):
+    """One notice; returns the notifier's result (False: not delivered), or a coroutine."""
+    kind, *args = call
+    try:
+        return getattr(n, kind)(*args)
+    except Exception as exc:  # a broken transport must not kill the watcher
+        log.debug("notify %s%r failed: %r", kind, tuple(args), exc)
+        return False
+
+
+def _with_fallback(n, call: tuple, ok) -> list[tuple[str, object]]:
+    out = [(call[0], ok)]
+    if call[0] == "delete" and ok is False:
+        # The kernel refuses DELETE when the dentry now leads elsewhere, is a
+        # mount point or a non-empty directory: drop the entry instead.
+        out.append(("inval_entry", _notify(n, ("inval_entry", call[1], call[3]))))
+    return out
+
+
+def _notify_all(n, calls: list[tuple]) -> list[tuple[str, object]]:
+    """Runs in the watcher's thread for a synchronous notifier."""
+    out = []
+    for call in calls:
+        out.extend(_with_fallback(n, call, _notify(n, call)))
+    return out
