@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh Debian 12 machine for actorfs (run as root):
+# the system packages the tests and benchmarks use, and actorfs itself with
+# its test extra. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=(fuse3 qemu-system-x86 busybox-static kmod cpio stress-ng fio sqlite3 attr git xz-utils)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+modprobe fuse 2>/dev/null || true
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
