@@ -48,6 +48,7 @@ from runtime.actor import Actor
 from runtime.errno_map import FsError
 from runtime.shm_view import (
     MAP_SHARED,
+    PAGE_SIZE,
     PROT_READ,
     PROT_WRITE,
     ShmView,
@@ -235,6 +236,11 @@ class DaxWindow(Actor):
     @property
     def size(self) -> int:
         return self.view.size
+
+    @property
+    def map_alignment(self) -> int:
+        """log2 of the alignment SETUPMAPPING offsets need (FUSE_INIT map_alignment)."""
+        return PAGE_SIZE.bit_length() - 1
 
     @property
     def base_address(self) -> int:

@@ -152,7 +152,13 @@ class ChannelMapper:
 
     splits_in_place = False
 
-    def __init__(self, channel: DaxChannel, own_socket: bool = False, close_timeout: float = 10.0):
+    def __init__(
+        self,
+        channel: DaxChannel | None = None,
+        own_socket: bool = False,
+        close_timeout: float = 10.0,
+    ):
+        # The backend channel may come later (VHOST_USER_SET_BACKEND_REQ_FD): connect().
         self.channel = channel
         self.own_socket = own_socket
         self.close_timeout = close_timeout
@@ -162,6 +168,10 @@ class ChannelMapper:
 
     def bind(self, view: ShmView) -> None:
         self.view = view
+
+    def connect(self, channel: DaxChannel) -> None:
+        """Use this backend channel from now on (a new frontend connection)."""
+        self.channel = channel
 
     # -- blocking pool -------------------------------------------------------
     def prepare(self, fd: int, foffset: int, length: int, writable: bool) -> Prepared:
@@ -196,6 +206,8 @@ class ChannelMapper:
         first: OSError | None = None
         for step in steps:
             try:
+                if step[0] != "close" and self.channel is None:
+                    raise OSError(errno.EIO, "no backend channel to the hypervisor yet")
                 if step[0] == "map":
                     _, ref, foffset, start, length, writable = step
                     self.channel.send_map(ref.fd, foffset, start, length, writable)
@@ -223,5 +235,5 @@ class ChannelMapper:
                 done.result(self.close_timeout)
         finally:
             self._sender.shutdown(wait=True)
-            if self.own_socket:
+            if self.own_socket and self.channel is not None:
                 self.channel.sock.close()

@@ -558,3 +558,29 @@ def test_channel_reports_a_vanished_hypervisor(data_file):
     finally:
         os.close(fd)
         ours.close()
+
+
+async def test_channel_mapper_before_and_after_the_backend_channel(data_file):
+    mapper = ChannelMapper()  # the frontend has not sent SET_BACKEND_REQ_FD yet
+    w = DaxWindow.create(unique_name(), 8 * P, mapper=mapper)
+    view = ShmView.attach(w.shm_name)  # the hypervisor's own view, in a thread here
+    ours, theirs = socket.socketpair()
+    receiver = DaxReceiver(theirs, view)
+    server = threading.Thread(target=receiver.serve)
+    try:
+        async with started(w):
+            fd = os.open(data_file, os.O_RDONLY)
+            assert await errno_of(w.map_file(fd, 0, P, 0, False)) == errno.EIO
+            assert await w.mappings() == []  # the refused mapping was dropped
+            server.start()
+            mapper.connect(DaxChannel(ours, reply_ack=True))
+            await w.map_file(os.open(data_file, os.O_RDONLY), 0, 2 * P, 0, False)
+            assert receiver.regions == {0: 2 * P}
+            assert view.read(0, 2 * P) == file_pages(b"a", b"b")
+        assert receiver.regions == {}
+    finally:
+        ours.close()
+        if server.is_alive():
+            server.join(10)
+        theirs.close()
+        view.close()
