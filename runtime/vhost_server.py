@@ -1,0 +1,335 @@
+"""`actorfs serve --socket PATH SRC`: the vhost-user-fs backend daemon.
+
+One unix socket, one frontend (the VMM) at a time. Each connection is one
+FUSE session: its own Filesystem (actors, pool) and Dispatcher, torn down
+when the frontend goes away, so a rebooted or re-attached guest starts from
+a clean inode table. Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues
+1..N carry requests; all of them feed the same Dispatcher, driven from the
+event loop by their kick eventfds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+
+from runtime import protocol
+from runtime.filesystem import ConfigError, FsConfig, check_root
+from runtime.vhost_user import (
+    ProtocolError,
+    VhostUserBackend,
+    recv_message,
+    send_message,
+)
+from runtime.virtqueue import Chain, QueueBroken, Virtqueue
+
+log = logging.getLogger("actorfs.vhost")
+
+DRAIN_TIMEOUT = 5.0  # how long a stopping queue waits for its in-flight requests
+_LEN_OPCODE = struct.Struct("<II")
+_UNIQUE = struct.Struct("<Q")
+
+
+class SocketInUse(Exception):
+    """The socket path belongs to a live server (or is not a socket)."""
+
+
+# -- the listening socket --------------------------------------------------------
+def bind_socket(path: str) -> socket.socket:
+    """Listen on `path`; a stale socket file is removed, a live one is an error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket: remove it or pick another --socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: a leftover from a crashed server
+        else:
+            raise SocketInUse(f"socket {path} is in use by a running server: stop it or pick another --socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_socket(path: str, ino: int | None) -> None:
+    """Remove the socket file only if it is still the one we bound."""
+    with contextlib.suppress(OSError):
+        if ino is not None and os.lstat(path).st_ino == ino:
+            os.unlink(path)
+
+
+# -- one queue --------------------------------------------------------------------
+class QueueRunner:
+    """Pops chains from one virtqueue on kicks and feeds them to the dispatcher."""
+
+    def __init__(self, conn: Connection, vq: Virtqueue):
+        self.conn = conn
+        self.vq = vq
+        self.loop = asyncio.get_running_loop()
+        self.kick_fd = vq.kick_fd
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.inflight = 0
+        self.notify_pending = False
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        os.set_blocking(self.kick_fd, False)
+        self.loop.add_reader(self.kick_fd, self._on_kick)
+        self.wake.set()  # buffers may already be waiting (a restarted ring)
+        self.task = asyncio.create_task(self._run(), name=f"vhost-queue-{self.vq.index}")
+
+    def _on_kick(self) -> None:
+        try:
+            os.read(self.kick_fd, 8)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.loop.remove_reader(self.kick_fd)
+            return
+        self.wake.set()
+
+    async def _run(self) -> None:
+        vq = self.vq
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                while vq.ready:
+                    chain = vq.pop()
+                    if chain is None:
+                        if not vq.enable_kicks():
+                            break
+                        continue
+                    await self._dispatch(chain)
+            except QueueBroken as exc:
+                log.warning("%s: the queue is stopped until the driver sets it up again", exc)
+
+    async def _dispatch(self, chain: Chain) -> None:
+        vq = self.vq
+        if chain.error is not None:
+            log.warning("queue %d: malformed descriptor chain %d: %s", vq.index, chain.head,
+                        chain.error)
+            self._complete(chain.head, 0)
+            return
+        frame = chain.request()
+        if len(frame) < protocol.IN_HEADER_SIZE:
+            log.warning("queue %d: request of %d bytes, shorter than a FUSE header", vq.index,
+                        len(frame))
+            self._complete(chain.head, 0)
+            return
+        length, opcode = _LEN_OPCODE.unpack_from(frame, 0)
+        if length < len(frame):
+            frame = frame[:length]  # the decoder wants exactly fuse_in_header.len bytes
+        if opcode in protocol.NO_REPLY_OPCODES:
+            # No reply will come: hand back the buffers now, and a copy to the dispatcher
+            # since the guest may reuse them at once.
+            self._complete(chain.head, 0)
+            await self.conn.dispatcher.submit(bytes(frame), _no_reply)
+            return
+        unique = _UNIQUE.unpack_from(frame, 8)[0]
+        generation = vq.generation
+        self.inflight += 1
+        self.idle.clear()
+        replied = False
+
+        def send(iov: list) -> None:
+            nonlocal replied
+            if replied:
+                return
+            replied = True
+            self._request_done()
+            if vq.generation != generation:
+                return  # the ring was stopped or reset meanwhile: nobody waits for this
+            written = chain.write_reply(iov)
+            if written is None:
+                log.warning("queue %d: reply of %d bytes does not fit in %d writable bytes",
+                            vq.index, sum(len(b) for b in iov), chain.writable_len)
+                written = chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0
+            self._complete(chain.head, written)
+
+        try:
+            await self.conn.dispatcher.submit(frame, send)
+        except Exception:
+            log.exception("queue %d: dispatch failed", vq.index)
+            send(protocol.reply_error(unique, errno.EIO))
+
+    def _request_done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+    def _complete(self, head: int, written: int) -> None:
+        self.vq.push(head, written)
+        if not self.notify_pending:
+            # One interrupt for every reply that completes in this loop iteration.
+            self.notify_pending = True
+            self.loop.call_soon(self._flush_notify)
+
+    def _flush_notify(self) -> None:
+        self.notify_pending = False
+        if self.vq.needs_notify():
+            self.vq.notify()
+
+    def detach(self) -> None:
+        """Stop listening for kicks and popping chains (synchronous, idempotent)."""
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.kick_fd)
+        if self.task is not None:
+            self.task.cancel()
+
+    async def stop(self) -> None:
+        """Stop popping, then wait (bounded) for the in-flight replies."""
+        self.detach()
+        if self.task is not None:
+            await asyncio.wait([self.task])  # unlike `await task`, keeps our own cancellation
+        if self.inflight:
+            try:
+                await asyncio.wait_for(self.idle.wait(), DRAIN_TIMEOUT)
+            except TimeoutError:
+                log.warning("queue %d: %d requests still in flight at stop", self.vq.index,
+                            self.inflight)
+        self._flush_notify()
+
+
+def _no_reply(iov: list) -> None:
+    """FORGET and friends never get a reply; a stray one has nowhere to go."""
+
+
+# -- one frontend connection ------------------------------------------------------
+class Connection:
+    """The QueueListener for one frontend: owns the queue runners."""
+
+    def __init__(self, sock: socket.socket, dispatcher, *, tag: str, dax: bool):
+        self.sock = sock
+        self.dispatcher = dispatcher
+        self.runners: dict[int, QueueRunner] = {}
+        self.backend = VhostUserBackend(self, tag=tag, dax=dax)
+        self.backend_sock: socket.socket | None = None
+        self.backend_shmem = False
+
+    # QueueListener
+    def queue_active(self, vq: Virtqueue) -> None:
+        runner = QueueRunner(self, vq)
+        self.runners[vq.index] = runner
+        runner.start()
+
+    async def queue_stopping(self, vq: Virtqueue) -> None:
+        runner = self.runners.pop(vq.index, None)
+        if runner is not None:
+            await runner.stop()
+
+    def backend_channel(self, sock: socket.socket, shmem: bool) -> None:
+        # DAX over this channel needs the DAX actor wired to it (runtime/dax_channel.py).
+        self.backend_sock = sock
+        self.backend_shmem = shmem
+
+    async def run(self) -> None:
+        try:
+            while True:
+                msg = await recv_message(self.sock)
+                if msg is None:
+                    log.info("frontend disconnected")
+                    return
+                reply = await self.backend.handle(msg)
+                if reply is not None:
+                    await send_message(self.sock, reply)
+        except ProtocolError as exc:
+            log.warning("vhost-user protocol error, closing the connection: %s", exc)
+        except (ConnectionError, OSError) as exc:
+            log.info("frontend connection lost: %s", exc)
+        finally:
+            runners = list(self.runners.values())
+            self.runners.clear()
+            for runner in runners:
+                runner.detach()
+            try:
+                for runner in runners:
+                    await runner.stop()
+            finally:
+                await self.backend.close()
+
+
+async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str = "actorfs",
+                           dax_name: str | None = None, dax_size: int = 0,
+                           stats_interval: float = 0) -> None:
+    """Serve one frontend until it disconnects: a fresh Filesystem and Dispatcher."""
+    from runtime.dispatcher import Dispatcher
+    from runtime.filesystem import Filesystem
+
+    sock.setblocking(False)
+    async with Filesystem.running(config) as fs:
+        dispatcher = Dispatcher(fs, transport="virtiofs")
+        conn = Connection(sock, dispatcher, tag=tag, dax=bool(dax_size))
+        stats = None
+        if stats_interval:
+            stats = asyncio.create_task(_log_stats(dispatcher, stats_interval))
+        try:
+            await conn.run()
+        finally:
+            if stats is not None:
+                stats.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dispatcher.drain(), DRAIN_TIMEOUT)
+            sock.close()
+
+
+async def _log_stats(dispatcher, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        log.info("stats: %s", dispatcher.stats())
+
+
+async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = False,
+                           dax_name: str | None = None, dax_size: int = 0,
+                           stats_interval: float = 0) -> int:
+    """Serve frontends on `socket_path` one after the other (just one with `once`).
+
+    Returns the exit status; user errors are one line on stderr. Cancelling the
+    coroutine (SIGTERM in the CLI) closes the connection and removes the socket.
+    """
+    try:
+        config.root = check_root(config.root)
+        listener = bind_socket(socket_path)
+    except (ConfigError, SocketInUse) as exc:
+        print(f"actorfs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"actorfs: cannot listen on {socket_path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    ino = os.lstat(socket_path).st_ino
+    loop = asyncio.get_running_loop()
+    tag = str(config.extra.get("tag", "actorfs"))
+    log.info("waiting for a vhost-user frontend on %s", socket_path)
+    try:
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            log.info("frontend connected")
+            await serve_connection(config, sock, tag=tag, dax_name=dax_name, dax_size=dax_size,
+                                   stats_interval=stats_interval)
+            if once:
+                return 0
+    finally:
+        listener.close()
+        _remove_socket(socket_path, ino)
