@@ -285,12 +285,13 @@ _PADS = {"pad16": 2, "pad32": 4, "pad64": 8}
 class Layout:
     """One struct: its precompiled little-endian Struct and the names of its values."""
 
-    __slots__ = ("name", "fmt", "fields", "struct", "size")
+    __slots__ = ("name", "fmt", "fields", "offsets", "struct", "size")
 
-    def __init__(self, name: str, fmt: str, fields: tuple[str, ...]):
+    def __init__(self, name: str, fmt: str, fields: tuple[str, ...], offsets: tuple[int, ...]):
         self.name = name
         self.fmt = fmt
         self.fields = fields
+        self.offsets = offsets  # byte offset of each field (checked against fuse.h)
         self.struct = struct.Struct("<" + fmt)
         self.size = self.struct.size
 
@@ -298,21 +299,26 @@ class Layout:
 def _compile(spec: dict[str, str]) -> dict[str, Layout]:
     out: dict[str, Layout] = {}
     for name, text in spec.items():
-        fmt, fields = [], []
+        fmt: list[str] = []
+        fields: list[str] = []
+        offsets: list[int] = []
         for item in text.split(","):
             type_, fname = item.split()
             base, _, count = type_.partition("*")
             n = int(count) if count else 1
+            here = struct.calcsize("<" + "".join(fmt))
             if base in _CODES:
                 fmt.append(_CODES[base])
                 fields.append(fname)
+                offsets.append(here)
             elif base in _PADS:
                 fmt.append(f"{_PADS[base] * n}x")
             else:  # an inner struct, already compiled above
                 inner = out[base]
                 fmt.append(inner.fmt)
                 fields.extend(f"{fname}_{f}" for f in inner.fields)
-        out[name] = Layout(name, "".join(fmt), tuple(fields))
+                offsets.extend(here + o for o in inner.offsets)
+        out[name] = Layout(name, "".join(fmt), tuple(fields), tuple(offsets))
     return out
 
 
