@@ -373,7 +373,7 @@ class InodeTable(Actor):
 
     def _install_restored(self, next_nodeid: int, inodes: list, children: list) -> None:
         """inodes: [(nodeid, kind, path, fd, stat)] already reopened beneath the root."""
-        for nodeid, kind, path, fd, st in inodes:
+        for nodeid, _kind, path, fd, st in inodes:
             if nodeid == FUSE_ROOT_ID:
                 continue
             key = (st.st_dev, st.st_ino)
