@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -584,3 +585,239 @@ async def test_channel_mapper_before_and_after_the_backend_channel(data_file):
             server.join(10)
         theirs.close()
         view.close()
+
+
+# -- a real hypervisor: KVM from Python, guest memory over the window ----------------------------
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_RUN = 0xAE80
+KVM_SET_REGS = 0x4090AE82
+KVM_GET_SREGS = 0x8138AE83
+KVM_SET_SREGS = 0x4138AE84
+KVM_EXIT_IO, KVM_EXIT_HLT = 2, 5
+KVM_EXIT_IO_OUT = 1
+
+CODE_GPA = 0x1000
+WINDOW_GPA = 0x10000  # real-mode segment 0x1000
+
+# 16-bit real mode: print 8 bytes of the window at 0x2000 on port 0x10, store
+# "GK" at window offset 0x3000, halt.
+GUEST_CODE = bytes.fromhex(
+    "b80010"  # mov ax, 0x1000
+    "8ed8"  # mov ds, ax          ; ds base = WINDOW_GPA
+    "be0020"  # mov si, 0x2000
+    "b90800"  # mov cx, 8
+    "ac"  # lodsb              ; al = [ds:si++]
+    "e610"  # out 0x10, al
+    "e2fb"  # loop lodsb
+    "c606003047"  # mov byte [0x3000], 'G'
+    "c60601304b"  # mov byte [0x3001], 'K'
+    "f4"  # hlt
+)
+
+
+class MiniVM:
+    """One vCPU in real mode; guest RAM at CODE_GPA, the DAX window at WINDOW_GPA."""
+
+    def __init__(self, window_addr: int, window_size: int):
+        import ctypes
+        import fcntl
+        import mmap
+
+        self._ioctl = fcntl.ioctl
+        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        self.fds = [self.kvm]
+        if self._ioctl(self.kvm, KVM_GET_API_VERSION, 0) != 12:
+            raise OSError(errno.ENOSYS, "unexpected KVM API version")
+        self.vm = self._ioctl(self.kvm, KVM_CREATE_VM, 0)
+        self.fds.append(self.vm)
+        self.code = mmap.mmap(-1, P)
+        self.code[: len(GUEST_CODE)] = GUEST_CODE
+        code_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.code))
+        self._slot(0, CODE_GPA, P, code_addr)
+        self._slot(1, WINDOW_GPA, window_size, window_addr)
+        self.vcpu = self._ioctl(self.vm, KVM_CREATE_VCPU, 0)
+        self.fds.append(self.vcpu)
+        size = self._ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
+        self.run_area = mmap.mmap(
+            self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+
+    def _slot(self, slot: int, gpa: int, size: int, addr: int) -> None:
+        region = struct.pack("<IIQQQ", slot, 0, gpa, size, addr)
+        self._ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
+
+    def run_guest(self) -> bytes:
+        """Run the guest code from the start; the bytes it wrote to port 0x10."""
+        sregs = bytearray(312)
+        self._ioctl(self.vcpu, KVM_GET_SREGS, sregs, True)
+        struct.pack_into("<Q", sregs, 0, 0)  # cs.base
+        struct.pack_into("<H", sregs, 12, 0)  # cs.selector
+        self._ioctl(self.vcpu, KVM_SET_SREGS, bytes(sregs))
+        regs = [0] * 18
+        regs[16], regs[17] = CODE_GPA, 0x2  # rip, rflags
+        self._ioctl(self.vcpu, KVM_SET_REGS, struct.pack("<18Q", *regs))
+        out = bytearray()
+        for _ in range(1000):
+            self._ioctl(self.vcpu, KVM_RUN, 0)
+            reason = struct.unpack_from("<I", self.run_area, 8)[0]
+            if reason == KVM_EXIT_HLT:
+                return bytes(out)
+            if reason != KVM_EXIT_IO:
+                raise AssertionError(f"unexpected KVM exit {reason}")
+            direction, size, port, count, data_off = struct.unpack_from("<BBHIQ", self.run_area, 32)
+            assert direction == KVM_EXIT_IO_OUT and port == 0x10 and size == 1
+            out += self.run_area[data_off : data_off + count]
+        raise AssertionError("the guest did not halt")
+
+    def close(self) -> None:
+        self.run_area.close()
+        for fd in reversed(self.fds):
+            os.close(fd)
+        self.code.close()
+
+
+async def test_kvm_guest_reads_and_writes_file_pages_through_the_window(tmp_path):
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError as exc:
+        pytest.skip(f"/dev/kvm cannot be opened here: {exc.strerror}")
+    path = tmp_path / "guest-visible"
+    path.write_bytes(b"FILEDATA" + bytes(2 * P - 8))
+    w = DaxWindow.create(unique_name(), 16 * P)
+    for i in range(16):
+        w.view.write(i * P, PATTERN)
+    async with started(w):
+        try:
+            vm = MiniVM(w.base_address, w.size)
+        except OSError as exc:
+            pytest.skip(f"cannot create a KVM virtual machine: {exc}")
+        try:
+            # Guest memory registered before any mapping: the guest sees the window's pages.
+            assert vm.run_guest() == PATTERN[:8]
+            assert w.view.read(3 * P, 2) == b"GK"
+            w.view.write(3 * P, PATTERN[:2])
+
+            # SETUPMAPPING while the memslot stays registered: KVM follows the new pages.
+            await w.map_file(os.open(path, os.O_RDWR), 0, 2 * P, 2 * P, True)
+            assert vm.run_guest() == b"FILEDATA"
+            w.view.msync(2 * P, 2 * P)
+            with open(path, "rb") as f:
+                f.seek(P)
+                assert f.read(2) == b"GK"  # the guest's write landed in the file
+
+            # REMOVEMAPPING: the guest sees the window's own pages again.
+            await w.unmap([(2 * P, 2 * P)])
+            assert vm.run_guest() == PATTERN[:8]
+            assert path.read_bytes()[:8] == b"FILEDATA"
+        finally:
+            vm.close()
+
+
+# -- many concurrent requests: the window always shows what the table says -----------------------
+
+
+def page_of(k: int, j: int) -> bytes:
+    tag = f"file{k}page{j}|".encode()
+    return (tag * (P // len(tag) + 1))[:P]
+
+
+async def churn(w: DaxWindow, files, rounds: int, seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    pages = w.size // P
+    removed = 0
+    for r in range(rounds):
+        mapped = await w.mappings()
+        jobs = []
+        for _ in range(16):
+            # Mostly removals in the last round, so the end state has holes too.
+            if mapped and rnd.random() < (0.5 if r < rounds - 1 else 0.9):
+                # Part of a mapping that exists now (another job may take it first).
+                m = rnd.choice(mapped)
+                first = rnd.randrange(m.length // P)
+                n = rnd.randint(1, m.length // P - first)
+                jobs.append(w.unmap([(m.start + first * P, n * P)]))
+                continue
+            start = rnd.randrange(pages)
+            n = rnd.randint(1, min(4, pages - start))
+            k = rnd.randrange(len(files))
+            j = rnd.randrange(8 - n + 1)
+            fd = os.open(files[k], os.O_RDWR)
+            jobs.append(w.map_file(fd, j * P, n * P, start * P, True))
+        for job, r in zip(jobs, await asyncio.gather(*jobs, return_exceptions=True), strict=True):
+            if isinstance(r, BaseException):
+                assert linux_errno_of(r) == errno.EINVAL, r  # an unmap of unmapped pages
+            elif job.cr_code.co_name == "unmap":
+                removed += 1
+    assert removed > rounds, "the churn should remove mappings too"
+
+
+def expected_window(entries, files, pages: int) -> list[bytes]:
+    shown = [PATTERN] * pages
+    idx = {(os.stat(f).st_dev, os.stat(f).st_ino): k for k, f in enumerate(files)}
+    for m in entries:
+        for i in range(m.length // P):
+            shown[m.start // P + i] = page_of(idx[m.identity], m.foffset // P + i)
+    return shown
+
+
+@pytest.fixture
+def eight_page_files(tmp_path):
+    files = []
+    for k in range(3):
+        path = tmp_path / f"f{k}"
+        path.write_bytes(b"".join(page_of(k, j) for j in range(8)))
+        files.append(path)
+    return files
+
+
+async def test_concurrent_churn_in_process(eight_page_files):
+    fds_before = len(os.listdir("/proc/self/fd"))
+    w = DaxWindow.create(unique_name(), 12 * P)
+    for i in range(12):
+        w.view.write(i * P, PATTERN)
+    async with started(w):
+        await churn(w, eight_page_files, rounds=20, seed=4)
+        entries = await w.mappings()
+        assert entries, "the churn should leave some mappings"
+        assert sum(m.length for m in entries) < w.size, "and some holes"
+        want = expected_window(entries, eight_page_files, 12)
+        assert [w.view.read(i * P, P) for i in range(12)] == want
+        ends = [(m.start, m.end) for m in entries]
+        assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:], strict=False))  # no overlaps
+    assert sum(maps_of_file(f) for f in eight_page_files) == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+async def test_concurrent_churn_over_the_channel(eight_page_files):
+    fds_before = len(os.listdir("/proc/self/fd"))
+    ours, theirs = socket.socketpair()
+    w = DaxWindow.create(unique_name(), 12 * P, mapper=ChannelMapper(DaxChannel(ours)))
+    for i in range(12):
+        w.view.write(i * P, PATTERN)
+    view = ShmView.attach(w.shm_name)
+    receiver = DaxReceiver(theirs, view)
+    server = threading.Thread(target=receiver.serve)
+    server.start()
+    try:
+        async with started(w):
+            await churn(w, eight_page_files, rounds=20, seed=9)
+            entries = await w.mappings()
+            assert 0 < sum(m.length for m in entries) < w.size
+            assert {m.start: m.length for m in entries} == receiver.regions
+            want = expected_window(entries, eight_page_files, 12)
+            assert [view.read(i * P, P) for i in range(12)] == want
+        assert receiver.regions == {}
+        assert [view.read(i * P, P) for i in range(12)] == [PATTERN] * 12
+    finally:
+        ours.close()
+        server.join(10)
+        theirs.close()
+        view.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # every kept fd was closed
