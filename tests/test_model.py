@@ -80,11 +80,12 @@ class Native:
             if kind == "symlink":
                 return os.symlink(o[2], name, dir_fd=pfd)
             if kind in ("rename", "link"):
+                if kind == "link":  # the client looks the source up first
+                    st_ = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 qfd = self.parent_fd(o[2])
                 try:
                     if kind == "rename":
                         return os.rename(name, o[2][-1], src_dir_fd=pfd, dst_dir_fd=qfd)
-                    st_ = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                     if stat.S_ISDIR(st_.st_mode):
                         raise OSError(errno.EPERM, "dir")
                     return os.link(name, o[2][-1], src_dir_fd=pfd, dst_dir_fd=qfd, follow_symlinks=False)
