@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from actors.inode_table import KIND_DIR
 from runtime import inotify
 from runtime.actor import Actor
 from runtime.attrs import FUSE_ROOT_ID
@@ -109,6 +110,7 @@ class Watcher(Actor):
 
     - ``watch(nodeid, fd, is_dir, parent=None, name=None) -> bool``
     - ``unwatch(nodeid) -> bool``
+    - ``await watch_file(nodeid)`` (the one async call: it asks the inode table for the fd)
     - ``set_notifier(notifier)``
     - ``stats() -> dict``
     """
@@ -167,12 +169,49 @@ class Watcher(Actor):
         parent: int | None = None,
         name: bytes | None = None,
     ) -> bool:
-        """Watch the inode behind `fd` (an O_PATH fd this call takes over) as `nodeid`."""
-        if self.tell(self._watch, nodeid, fd, is_dir, parent, name):
-            return True
+        """Watch the inode behind `fd` (an O_PATH fd this call takes over) as `nodeid`.
+
+        A new kernel watch is added right here, before the op's reply goes out,
+        so no host change after the reply can slip past; only the bookkeeping
+        goes through the mailbox (ahead of any event of that watch, which can
+        only be read after this returns). An inode that already has a watch
+        (the same nodeid again, or an older nodeid whose unwatch is still
+        queued) goes through the mailbox whole, to stay ordered after it.
+        """
+        ino = self._ino
+        if self._stopped or ino is None or ino.closed:
+            os.close(fd)
+            self.watches_refused += 1
+            return False
+        mask = (DIR_MASK if is_dir else FILE_MASK) | inotify.IN_MASK_CREATE
+        try:
+            wd = ino.add_watch(b"/proc/self/fd/%d" % fd, mask)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                if self.tell(self._watch, nodeid, fd, is_dir, parent, name):
+                    return True
+                self.watches_refused += 1
+            elif exc.errno == errno.ENOSPC:  # the kernel's max_user_watches
+                self.watches_refused += 1
+            else:
+                self.watch_errors += 1
+                log.debug("watch %d failed: %s", nodeid, exc)
+            os.close(fd)
+            return False
         os.close(fd)
+        if self.tell(self._adopt, nodeid, wd, is_dir, parent, name):
+            return True
+        with contextlib.suppress(OSError):
+            ino.rm_watch(wd)
         self.watches_refused += 1
         return False
+
+    async def watch_file(self, nodeid: int) -> bool:
+        """watch() by nodeid alone (SETUPMAPPING): the fd comes from the inode table."""
+        if self.inodes is None or self._stopped:
+            return False
+        fd, kind = await self.inodes.dup_fd(nodeid)
+        return self.watch(nodeid, fd, kind == KIND_DIR)
 
     def unwatch(self, nodeid: int) -> bool:
         """The server forgot `nodeid`: drop its watch."""
@@ -208,21 +247,24 @@ class Watcher(Actor):
 
     # -- handlers (the mailbox task) --------------------------------------------
     def _watch(self, nodeid, fd, is_dir, parent, name) -> None:
+        """An inode that had a kernel watch when watch() was called."""
         try:
             w = self._by_nodeid.get(nodeid)
             if w is not None:
                 if name is not None:  # the client may know it under a new name now
                     w.parent, w.name = parent, name
                 return
-            if self._ino is None or self._ino.closed or len(self._by_nodeid) >= self.max_watches:
+            if self._ino is None or self._ino.closed:
                 self.watches_refused += 1
                 return
             try:
+                # Without MASK_CREATE: join the existing kernel watch (its
+                # older nodeid was forgotten) or make one if it is gone now.
                 wd = self._ino.add_watch(
                     b"/proc/self/fd/%d" % fd, DIR_MASK if is_dir else FILE_MASK
                 )
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:  # the kernel's max_user_watches
+                if exc.errno == errno.ENOSPC:
                     self.watches_refused += 1
                 else:
                     self.watch_errors += 1
@@ -230,11 +272,20 @@ class Watcher(Actor):
                 return
         finally:
             os.close(fd)
+        self._adopt(nodeid, wd, is_dir, parent, name)
+
+    def _adopt(self, nodeid, wd, is_dir, parent, name) -> None:
+        """Record a kernel watch `wd` as nodeid's (within our bound)."""
         prev = self._by_wd.get(wd)
-        if prev is not None:
+        if prev is not None and prev != nodeid:
             # The same host inode under a new nodeid (the old one is being
             # forgotten): the kernel watch is shared, the newer nodeid owns it.
             self._by_nodeid.pop(prev, None)
+        elif prev is None and len(self._by_nodeid) >= self.max_watches:
+            with contextlib.suppress(OSError):
+                self._ino.rm_watch(wd)
+            self.watches_refused += 1
+            return
         self._by_wd[wd] = nodeid
         self._by_nodeid[nodeid] = Watched(nodeid, wd, is_dir, parent, name)
         self.watches_added += 1
