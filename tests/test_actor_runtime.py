@@ -1,0 +1,147 @@
+"""The actor base, the supervisor and the blocking pool."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+
+import pytest
+from helpers_fs import CTX, ROOT, ops, running
+
+from runtime.actor import Actor, ActorStopped
+from runtime.blocking_pool import BlockingPool
+from runtime.errno_map import FsError
+from runtime.supervisor import Supervisor
+
+
+class Counter(Actor):
+    name = "counter"
+
+    def __init__(self):
+        super().__init__(mailbox_size=8)
+        self.n = 0
+        self.closed = False
+
+    def _add(self, k):
+        if k < 0:
+            raise FsError(errno.EINVAL, "negative")
+        self.n += k
+        return self.n
+
+    async def add(self, k):
+        return await self.ask(self._add, k)
+
+    def close(self):
+        self.closed = True
+
+
+async def test_ask_replies_in_order_and_propagates_errors():
+    c = Counter()
+    sup = Supervisor()
+    async with sup.started([c]):
+        results = await asyncio.gather(*(c.add(1) for _ in range(100)))
+        assert sorted(results) == list(range(1, 101))
+        with pytest.raises(FsError) as ei:
+            await c.add(-1)
+        assert ei.value.errno == errno.EINVAL
+        assert await c.add(0) == 100  # the actor survives a handler error
+    assert c.closed
+    with pytest.raises(ActorStopped):
+        await c.add(1)
+
+
+async def test_crash_is_reported_and_restarted_with_in_flight_requests_failing_eio():
+    c = Counter()
+    sup = Supervisor(policy="restart", max_restarts=1)
+    async with sup.started([c]):
+        await c.add(5)
+        c.inject_crash = RuntimeError("injected")
+        with pytest.raises(ActorStopped) as ei:
+            await c.add(1)
+        assert ei.value.errno == errno.EIO
+        await asyncio.sleep(0)
+        assert sup.crashes and isinstance(sup.crashes[0][1], RuntimeError)
+        assert "injected" in str(sup.crashes[0][1])
+        assert await c.add(1) == 6  # restarted with its state
+
+
+async def test_crash_beyond_restarts_stops_everything_cleanly():
+    a, b = Counter(), Counter()
+    sup = Supervisor(policy="stop")
+    async with sup.started([a, b]):
+        a.inject_crash = RuntimeError("boom")
+        with pytest.raises(ActorStopped):
+            await a.add(1)
+        await asyncio.wait_for(sup.failed.wait(), 5)
+        with pytest.raises(ActorStopped):
+            await b.add(1)
+    assert a.closed and b.closed
+
+
+async def test_filesystem_survives_inode_actor_crash_with_eio(tmp_path):
+    (tmp_path / "f").write_text("x")
+    async with running(tmp_path) as fs:
+        fs.inodes.inject_crash = RuntimeError("inode table bug")
+        with pytest.raises(FsError) as ei:
+            await ops.lookup(fs, CTX, ROOT, b"f")
+        assert ei.value.errno == errno.EIO
+        # the supervisor restarted it: the next request works
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert (await ops.lookup(fs, CTX, ROOT, b"f")).attr.size == 1
+
+
+async def test_pool_is_bounded_and_leaves_no_thread():
+    pool = BlockingPool(workers=2, max_queued=4)
+    gate = threading.Event()
+    running_now = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def job():
+        nonlocal running_now, peak
+        with lock:
+            running_now += 1
+            peak = max(peak, running_now)
+        gate.wait(5)
+        with lock:
+            running_now -= 1
+        return 1
+
+    tasks = [asyncio.create_task(pool.run(job)) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    assert pool.submitted <= 4  # backpressure: the rest wait for a slot
+    gate.set()
+    assert sum(await asyncio.gather(*tasks)) == 20
+    assert peak <= 2
+    pool.shutdown()
+    assert not [t for t in threading.enumerate() if t.name.startswith("actorfs-pool")]
+
+
+async def test_cancelled_request_never_closes_an_fd_a_thread_still_uses(tmp_path):
+    pool = BlockingPool(workers=1)
+    r, w = os.pipe()
+    gate = threading.Event()
+
+    def job(fd):
+        gate.wait(5)
+        return os.fstat(fd).st_mode  # the fd must still be ours here
+
+    t = asyncio.create_task(pool.run_owning((r,), job, r))
+    await asyncio.sleep(0.01)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    fd_reuse = os.open(tmp_path, os.O_RDONLY)  # would take r's number if it were closed
+    try:
+        assert fd_reuse != r
+    finally:
+        gate.set()
+        await asyncio.sleep(0.05)
+        os.close(fd_reuse)
+    os.close(w)
+    pool.shutdown()
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed by the job when it finished
