@@ -95,7 +95,7 @@ class Batch:
     entries: dict[tuple[int, bytes], bool] = field(default_factory=dict)
     overflow: bool = False
     # filled when taken: every watch (for an overflow) and the notifier to use
-    watched: list[tuple[int, int | None, bytes | None]] = field(default_factory=list)
+    watched: list[tuple[int, bool, int | None, bytes | None]] = field(default_factory=list)
     notifier: object | None = None
 
     def __bool__(self) -> bool:
@@ -367,7 +367,7 @@ class Watcher(Actor):
         if not b:
             return None
         if b.overflow:
-            b.watched = [(w.nodeid, w.parent, w.name) for w in self._by_nodeid.values()]
+            b.watched = [(w.nodeid, w.is_dir, w.parent, w.name) for w in self._by_nodeid.values()]
         b.notifier = self.notifier
         return b
 
@@ -445,16 +445,30 @@ class Watcher(Actor):
         except FsError:
             return None
 
+    async def _children(self, parent: int) -> list[tuple[bytes, int]]:
+        """Names the inode table knows in `parent` (if the table can list them)."""
+        listing = getattr(self.inodes, "children", None)
+        if listing is None:
+            return []
+        try:
+            return list(await listing(parent))
+        except FsError:
+            return []
+
     async def _deliver(self, b: Batch) -> None:
         inodes = dict(b.inodes)
         entries = dict(b.entries)
         if b.overflow:
             # Events were lost: every watched inode may have changed, and any
             # name we know may now lead elsewhere.
-            for nodeid, parent, name in b.watched:
+            for nodeid, _is_dir, parent, name in b.watched:
                 inodes[nodeid] = True
                 if parent is not None and name is not None:
                     entries.setdefault((parent, name), False)
+            for nodeid, is_dir, _parent, _name in b.watched:
+                for cname, child in await self._children(nodeid) if is_dir else ():
+                    inodes[child] = True
+                    entries.setdefault((nodeid, cname), False)
         for (parent, name), data in b.children.items():
             child = await self._child(parent, name)
             if child is not None:
