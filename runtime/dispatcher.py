@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import importlib
 import inspect
@@ -47,7 +48,8 @@ MAX_PAGES = MAX_WRITE // PAGE_SIZE
 
 # What we always offer when the kernel does (each is implemented by the ops):
 # concurrent requests, READDIRPLUS, large writes, O_TRUNC handled by open,
-# "." / ".." lookups for NFS export, cacheable symlinks. Deliberately absent:
+# cacheable symlinks. EXPORT_SUPPORT only when the op layer declares that its
+# lookup answers "." and ".." (ops.LOOKUP_DOT_DOTDOT). Deliberately absent:
 # POSIX_LOCKS / FLOCK_LOCKS (the kernel then does locking locally), SPLICE_*,
 # DONT_MASK (the kernel applies the umask), HANDLE_KILLPRIV(_V2), POSIX_ACL,
 # SETXATTR_EXT, SECURITY_CTX.
@@ -59,7 +61,6 @@ BASE_INIT_FLAGS = (
     | P.FUSE_BIG_WRITES
     | P.FUSE_ATOMIC_O_TRUNC
     | P.FUSE_AUTO_INVAL_DATA
-    | P.FUSE_EXPORT_SUPPORT
     | P.FUSE_CACHE_SYMLINKS
     | P.FUSE_MAX_PAGES
 )
@@ -344,6 +345,8 @@ class Dispatcher:
             if err == errno.EIO and not isinstance(exc, OSError | FsError):
                 log.exception("op %s failed", self._op_name(req.opcode))
             iov = P.reply_error(unique, err)
+        if req.opcode in P.NO_REPLY_OPCODES:
+            iov = None  # FORGET and friends: never a reply, not even an error
         # Off the table before sending: a late INTERRUPT finds nothing to cancel.
         if self._tasks.get(unique) is flight:
             del self._tasks[unique]
@@ -413,6 +416,9 @@ class Dispatcher:
             want |= P.FUSE_MAP_ALIGNMENT
         if self.ops is None or not hasattr(self.ops, "readdirplus"):
             want &= ~(P.FUSE_DO_READDIRPLUS | P.FUSE_READDIRPLUS_AUTO)
+        if getattr(self.ops, "LOOKUP_DOT_DOTDOT", False):
+            # NFS export / open_by_handle_at: the kernel looks up "." and "..".
+            want |= P.FUSE_EXPORT_SUPPORT
         flags = want & kflags
         if flags & P.FUSE_PASSTHROUGH and flags & P.FUSE_WRITEBACK_CACHE:
             # The kernel turns passthrough off under writeback caching.
@@ -537,8 +543,9 @@ class Dispatcher:
     def _opened(self, opened: Any) -> Any:
         # Never hand the kernel a passthrough open it did not agree to.
         if opened.open_flags & P.FOPEN_PASSTHROUGH and not self.passthrough:
-            opened.open_flags &= ~P.FOPEN_PASSTHROUGH
-            opened.backing_id = 0
+            return dataclasses.replace(
+                opened, open_flags=opened.open_flags & ~P.FOPEN_PASSTHROUGH, backing_id=0
+            )
         return opened
 
     async def _lookup(self, r: Any) -> list:
