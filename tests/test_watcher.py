@@ -391,3 +391,17 @@ async def test_restart_after_a_crash_keeps_watching(tmp_path):
         await until(lambda: fs.watcher.running, "restarted")
         (tmp_path / "f").write_bytes(b"after")
         await until(lambda: rec.inode(f), "notice after restart")
+
+
+async def test_watch_file_by_nodeid_for_a_dax_mapping(tmp_path):
+    sub = tmp_path / "m"
+    sub.mkdir()
+    (sub / "mapped").write_bytes(b"\0" * 4096)
+    rec = Recorder()
+    async with watched_fs(tmp_path, rec) as fs:
+        mn = await lookup(fs, FUSE_ROOT_ID, b"m")  # directory not watched
+        f = await lookup(fs, mn, b"mapped")
+        assert await fs.watcher.watch_file(f)
+        assert f in await fs.watcher.watched()
+        os.truncate(sub / "mapped", 8192)
+        await until(lambda: any(c[2] == 0 for c in rec.inode(f)), "size change notice")
