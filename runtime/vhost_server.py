@@ -221,7 +221,8 @@ def _no_reply(iov: list) -> None:
 class Connection:
     """The QueueListener for one frontend: owns the queue runners."""
 
-    def __init__(self, sock: socket.socket, dispatcher, *, tag: str, dax: bool):
+    def __init__(self, sock: socket.socket, dispatcher, *, tag: str | None = None,
+                 dax: bool = False):
         self.sock = sock
         self.dispatcher = dispatcher
         self.runners: dict[int, QueueRunner] = {}
@@ -271,7 +272,7 @@ class Connection:
                 await self.backend.close()
 
 
-async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str = "actorfs",
+async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str | None = None,
                            dax_name: str | None = None, dax_size: int = 0,
                            stats_interval: float = 0) -> None:
     """Serve one frontend until it disconnects: a fresh Filesystem and Dispatcher."""
@@ -320,7 +321,7 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
         return 1
     ino = os.lstat(socket_path).st_ino
     loop = asyncio.get_running_loop()
-    tag = str(config.extra.get("tag", "actorfs"))
+    tag = config.extra.get("tag")  # the virtio-fs config space tag, if the frontend asks
     log.info("waiting for a vhost-user frontend on %s", socket_path)
     try:
         while True:

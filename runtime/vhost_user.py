@@ -91,9 +91,10 @@ PROTOCOL_FEATURES = (
     PROTOCOL_F_MQ
     | PROTOCOL_F_REPLY_ACK
     | PROTOCOL_F_BACKEND_REQ
-    | PROTOCOL_F_CONFIG
     | PROTOCOL_F_RESET_DEVICE
 )
+# CONFIG is offered only with a tag to put in the config space, as virtiofsd does:
+# QEMU 7.2 keeps the tag itself and warns about a backend that offers CONFIG.
 DAX_PROTOCOL_FEATURES = PROTOCOL_F_BACKEND_SEND_FD | PROTOCOL_F_SHMEM
 
 MAX_MEM_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS: SET_MEM_TABLE carries at most 8
@@ -206,12 +207,13 @@ class VhostUserBackend:
     """One frontend connection's view of the device: features, memory, queues."""
 
     def __init__(self, listener: QueueListener, *, num_request_queues: int = 1,
-                 max_queues: int = 1 + 16, tag: str = "actorfs", dax: bool = False):
+                 max_queues: int = 1 + 16, tag: str | None = None, dax: bool = False):
         self.listener = listener
         self.max_queues = max_queues
         self.num_request_queues = num_request_queues
         self.tag = tag
-        self.protocol_offered = PROTOCOL_FEATURES | (DAX_PROTOCOL_FEATURES if dax else 0)
+        self.protocol_offered = (PROTOCOL_FEATURES | (DAX_PROTOCOL_FEATURES if dax else 0)
+                                 | (PROTOCOL_F_CONFIG if tag else 0))
         self.features = 0  # acked virtio features
         self.protocol_features = 0
         self.owner = False
@@ -436,7 +438,7 @@ class VhostUserBackend:
         return True
 
     def config_space(self) -> bytes:
-        tag = self.tag.encode()[:VIRTIO_FS_TAG_LEN].ljust(VIRTIO_FS_TAG_LEN, b"\0")
+        tag = (self.tag or "").encode()[:VIRTIO_FS_TAG_LEN].ljust(VIRTIO_FS_TAG_LEN, b"\0")
         return tag + struct.pack("<I", self.num_request_queues)
 
     async def _get_config(self, msg: Message) -> bytes:

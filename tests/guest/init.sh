@@ -1,0 +1,20 @@
+#!/bin/busybox sh
+# PID 1 of the test guest: load the virtio-fs modules, mount, run the workload, power off.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do
+    insmod "/modules/$m" || echo "ACTORFS-INSMOD-FAIL $m"
+done
+mkdir -p /mnt
+if mount -t virtiofs actorfs /mnt; then
+    echo "ACTORFS-MOUNTED"
+    sh /workload.sh /mnt
+    cd /
+    sync
+    if umount /mnt; then echo "ACTORFS-UMOUNTED"; else echo "ACTORFS-UMOUNT-FAIL"; fi
+else
+    echo "ACTORFS-MOUNT-FAIL"
+fi
+poweroff -f
