@@ -39,6 +39,14 @@ class FsConfig:
     max_inodes: int = 1 << 20  # cap on live O_PATH fds (EMFILE beyond)
     max_handles: int = 1 << 18  # cap on open file/dir handles (EMFILE beyond)
     pool_workers: int | None = None
+    # DAX window (virtio-fs): a POSIX shm object of dax_size bytes named dax_name.
+    # dax_mapper "inprocess" maps with MAP_FIXED in this process (an embedding VMM);
+    # "channel" sends SHMEM_MAP/UNMAP to an out-of-process hypervisor.
+    dax_name: str | None = None
+    dax_size: int = 0
+    dax_mapper: str = "inprocess"
+    dax_attach: bool = False  # attach an existing shm object instead of creating it
+    watch: bool = True  # watch host changes and invalidate the client's caches
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +97,28 @@ class Filesystem:
         # an object with open(fd) -> backing_id and close(backing_id).
         self.backing = None
         self.supervisor = Supervisor()
+        if config.dax_name or config.dax_size:
+            self.dax = self._make_dax_window(config)
+
+    @staticmethod
+    def _make_dax_window(config: FsConfig):
+        from actors.dax import DaxWindow
+
+        if config.dax_mapper == "channel":
+            from runtime.dax_channel import ChannelMapper
+
+            mapper = ChannelMapper()
+        elif config.dax_mapper == "inprocess":
+            mapper = None
+        else:
+            raise ConfigError(f"unknown DAX mapper {config.dax_mapper!r}: use inprocess or channel")
+        name = config.dax_name or f"/actorfs-dax-{os.getpid()}"
+        try:
+            if config.dax_attach:
+                return DaxWindow.attach(name, mapper)
+            return DaxWindow.create(name, config.dax_size, mapper)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def actors(self) -> list:
         return [a for a in (self.inodes, self.handles, self.dax, self.watcher) if a is not None]
