@@ -675,20 +675,30 @@ _NSEC = 1_000_000_000
 _U64 = (1 << 64) - 1
 
 
+_TIMEOUTS: dict[float, tuple[int, int]] = {}  # the few distinct timeouts a config uses
+
+
 def split_timeout(seconds: float) -> tuple[int, int]:
     """A timeout in seconds -> (sec, nsec) for entry_valid/attr_valid."""
+    got = _TIMEOUTS.get(seconds)
+    if got is not None:
+        return got
     if not seconds > 0:  # also catches NaN
-        return 0, 0
-    sec = int(seconds)
-    if sec >= _U64:
-        return _U64, 0
-    return sec, min(int((seconds - sec) * _NSEC), _NSEC - 1)
+        got = (0, 0)
+    elif seconds >= _U64:
+        got = (_U64, 0)
+    else:
+        sec = int(seconds)
+        got = (sec, min(int((seconds - sec) * _NSEC), _NSEC - 1))
+    if len(_TIMEOUTS) < 64:
+        _TIMEOUTS[seconds] = got
+    return got
 
 
 def _entry_values(e: Entry) -> tuple:
     ev, evn = split_timeout(e.entry_valid)
     av, avn = split_timeout(e.attr_valid)
-    return (e.nodeid, e.generation, ev, av, evn, avn, *_attr_values(e.attr))
+    return (e.nodeid, e.generation, ev, av, evn, avn) + _attr_values(e.attr)
 
 
 def reply_error(unique: int, err: int) -> Iov:
