@@ -17,6 +17,7 @@ import pytest
 
 from runtime import ops as real_ops
 from runtime import protocol as P
+from runtime.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs
 from runtime.dispatcher import BASE_INIT_FLAGS, MAX_WRITE, Dispatcher
 from runtime.filesystem import Filesystem, FsConfig
 
@@ -589,7 +590,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_protocol_fuzz import valid_messages  # noqa: E402
 
-from runtime.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs  # noqa: E402
 from runtime.errno_map import FsError  # noqa: E402
 
 _ATTR = Attr(2, 10, 1, 0, 0, 0, 0, 0, 0, 0o100644, 1, 0, 0, 0, 4096)
@@ -704,3 +704,90 @@ def test_fuzz_dispatcher_one_reply_per_request(frames_):
             assert length == len(r) >= 16
             assert -512 < error <= 0
             assert unique == struct.unpack_from("<Q", frame, 8)[0]
+
+
+# -- DAX mapping routes, passthrough open flags, notifications -------------------------------
+
+
+async def test_setupmapping_and_removemapping_reach_ops_dax(tmp_path):
+    calls = []
+
+    async def setupmapping(fs, ctx, nodeid, fh, foffset, length, flags, moffset):
+        calls.append(("setup", nodeid, fh, foffset, length, flags, moffset, ctx.uid))
+
+    async def removemapping(fs, ctx, ranges):
+        calls.append(("remove", ranges))
+
+    dax_ops = types.SimpleNamespace(setupmapping=setupmapping, removemapping=removemapping)
+    async with running(tmp_path) as fs:
+        fs.dax = types.SimpleNamespace(map_alignment=12)
+        try:
+            w = Wire(Dispatcher(fs, transport="virtiofs", ops_dax=dax_ops))
+            _, out = await w.init()
+            assert out[3] & P.FUSE_MAP_ALIGNMENT and out[9] == 12
+            msg = P.Setupmapping(h=P.InHeader(nodeid=5, uid=7, gid=7), fh=3, foffset=4096,
+                                 len=1 << 21, flags=P.FUSE_SETUPMAPPING_FLAG_READ, moffset=1 << 21)  # fmt: skip
+            await w.ok(msg)
+            await w.ok(P.Removemapping(h=H(), count=2, mappings=[(0, 4096), (8192, 4096)]))
+        finally:
+            fs.dax = None
+        assert calls == [
+            ("setup", 5, 3, 4096, 1 << 21, P.FUSE_SETUPMAPPING_FLAG_READ, 1 << 21, 7),
+            ("remove", [(0, 4096), (8192, 4096)]),
+        ]
+        # Without a window: ENOSYS, whatever the op layer offers.
+        error, _ = await w.call(P.Removemapping(h=H(), count=0))
+        assert error == -errno.ENOSYS
+
+
+async def test_passthrough_open_flags_only_when_negotiated(tmp_path):
+    async def open_(fs, ctx, nodeid, flags):
+        return Opened(fh=9, open_flags=P.FOPEN_PASSTHROUGH | P.FOPEN_KEEP_CACHE, backing_id=4)
+
+    ops = types.SimpleNamespace(open=open_)
+    cfg = {"passthrough": True}
+    async with running(tmp_path, **cfg) as fs:
+        w = Wire(Dispatcher(fs, ops=ops))
+        await w.init(minor=38, flags2=0)  # the kernel does not offer passthrough
+        out = await w.ok(P.Open(h=H(2)))
+        assert struct.unpack_from("<QIi", out) == (9, P.FOPEN_KEEP_CACHE, 0)
+        w = Wire(Dispatcher(fs, ops=ops))
+        await w.init(minor=40)
+        out = await w.ok(P.Open(h=H(2)))
+        assert struct.unpack_from("<QIi", out) == (9, P.FOPEN_PASSTHROUGH | P.FOPEN_KEEP_CACHE, 4)
+
+
+async def test_notifiers():
+    from runtime.notify import Notifier, NullNotifier, WriterNotifier
+
+    null = NullNotifier()
+    assert isinstance(null, Notifier)
+    assert await null.inval_inode(5) is False
+    assert await null.delete(1, 5, b"x") is False
+    assert null.undelivered == 2
+
+    written, live = [], [False]
+
+    async def write(iov):
+        written.append(P.iov_bytes(iov))
+        return True
+
+    n = WriterNotifier(write, enabled=lambda: live[0])
+    assert isinstance(n, Notifier)
+    assert await n.inval_entry(1, b"a") is False  # before INIT: held back
+    live[0] = True
+    assert await n.inval_entry(1, b"a") is True
+    assert await n.inval_inode(7, -1, 0) is True
+    assert await n.delete(1, 7, b"gone") is True
+    assert written == [
+        P.iov_bytes(P.notify_inval_entry(1, b"a")),
+        P.iov_bytes(P.notify_inval_inode(7, -1, 0)),
+        P.iov_bytes(P.notify_delete(1, 7, b"gone")),
+    ]
+    assert (n.delivered, n.undelivered) == (3, 1)
+
+    def refused(iov):
+        raise OSError(errno.ENOENT, "no such entry")
+
+    n = WriterNotifier(refused)
+    assert await n.inval_entry(1, b"a") is False and n.undelivered == 1
