@@ -32,31 +32,43 @@ def _decode_or_error(frame, **kw):
 
 
 @st.composite
-def valid_messages(draw):
-    opcode = draw(st.sampled_from(OPCODES))
+def valid_messages(draw, opcodes=None, small=None, names=None):
+    """A well-formed request. `small`: a strategy mixed into every integer field
+    (to hit live nodeids and fhs); `names`: the strategy for names."""
+    opcode = draw(st.sampled_from(opcodes or OPCODES))
     _, layout, tail = P.REQUESTS[opcode]
-    h = P.InHeader(unique=draw(u64), nodeid=draw(u64), uid=draw(u32), gid=draw(u32), pid=draw(u32))
+    names = name if names is None else names
+
+    def mixed(strategy):
+        return st.one_of(small, strategy) if small is not None else strategy
+
+    def num(strategy):
+        return draw(mixed(strategy))
+
+    h = P.InHeader(
+        unique=draw(u64), nodeid=num(u64), uid=draw(u32), gid=draw(u32), pid=draw(u32)
+    )
     kw = {}
     if layout is not None:
         lay = P.LAYOUT[layout]
         for f, code in zip(lay.fields, _codes(lay), strict=True):
-            kw[f] = draw(_ints(code))
+            kw[f] = num(_ints(code))
     if opcode == P.FUSE_SETXATTR:
         kw["setxattr_flags"] = 0
     if tail == "name":
-        kw["name"] = draw(name)
+        kw["name"] = draw(names)
     elif tail.startswith("names:"):
-        kw["name"] = draw(name)
-        kw[tail.split(":")[1]] = draw(name)
+        kw["name"] = draw(names)
+        kw[tail.split(":")[1]] = draw(names)
     elif tail == "xattr":
         value = draw(st.binary(max_size=200))
-        kw.update(name=draw(name), size=len(value), value=memoryview(value))
+        kw.update(name=draw(names), size=len(value), value=memoryview(value))
     elif tail.startswith("data:"):
         data = draw(st.binary(max_size=300))
         kw[tail.split(":")[1]] = len(data)
         kw["data"] = memoryview(data)
     elif tail == "forgets":
-        items = draw(st.lists(st.tuples(u64, u64), max_size=10))
+        items = draw(st.lists(st.tuples(mixed(u64), mixed(u64)), max_size=10))
         kw.update(count=len(items), forgets=items)
     elif tail == "mappings":
         items = draw(st.lists(st.tuples(u64, u64), max_size=10))
