@@ -45,9 +45,7 @@ def valid_messages(draw, opcodes=None, small=None, names=None):
     def num(strategy):
         return draw(mixed(strategy))
 
-    h = P.InHeader(
-        unique=draw(u64), nodeid=num(u64), uid=draw(u32), gid=draw(u32), pid=draw(u32)
-    )
+    h = P.InHeader(unique=draw(u64), nodeid=num(u64), uid=draw(u32), gid=draw(u32), pid=draw(u32))
     kw = {}
     if layout is not None:
         lay = P.LAYOUT[layout]
