@@ -60,13 +60,21 @@ def bind_socket(path: str) -> socket.socket:
             raise SocketInUse(f"socket {path} is in use by a running server: stop it or pick another --socket")
         finally:
             probe.close()
+    # Bound and listening under a temporary name, then renamed into place: whoever
+    # sees the path (a VMM started right after) can connect at once.
+    tmp = f"{path}.{os.getpid()}.tmp"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock.bind(tmp)
         sock.listen(1)
         sock.setblocking(False)
+        os.rename(tmp, path)
     except OSError:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return sock
 
@@ -222,13 +230,13 @@ class Connection:
     """The QueueListener for one frontend: owns the queue runners."""
 
     def __init__(self, sock: socket.socket, dispatcher, *, tag: str | None = None,
-                 dax: bool = False):
+                 dax_window=None):
         self.sock = sock
         self.dispatcher = dispatcher
         self.runners: dict[int, QueueRunner] = {}
-        self.backend = VhostUserBackend(self, tag=tag, dax=dax)
-        self.backend_sock: socket.socket | None = None
-        self.backend_shmem = False
+        self.dax_window = dax_window
+        self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None)
+        self.dax_sockets: list[socket.socket] = []
 
     # QueueListener
     def queue_active(self, vq: Virtqueue) -> None:
@@ -241,10 +249,17 @@ class Connection:
         if runner is not None:
             await runner.stop()
 
-    def backend_channel(self, sock: socket.socket, shmem: bool) -> None:
-        # DAX over this channel needs the DAX actor wired to it (runtime/dax_channel.py).
-        self.backend_sock = sock
-        self.backend_shmem = shmem
+    def backend_channel(self, sock: socket.socket, shmem: bool) -> bool:
+        """With SHMEM negotiated, DAX map/unmap requests go to the frontend on this channel."""
+        if self.dax_window is None or not shmem:
+            return False
+        from runtime.dax_channel import DaxChannel
+
+        sock.setblocking(True)  # the DAX sender thread does blocking sends with a timeout
+        self.dax_window.mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
+        self.dax_sockets.append(sock)  # closed after the DAX window (its unmaps go out first)
+        log.info("DAX: SETUPMAPPING/REMOVEMAPPING go to the frontend over the backend channel")
+        return True
 
     async def run(self) -> None:
         try:
@@ -277,23 +292,58 @@ async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str | 
                            stats_interval: float = 0) -> None:
     """Serve one frontend until it disconnects: a fresh Filesystem and Dispatcher."""
     from runtime.dispatcher import Dispatcher
-    from runtime.filesystem import Filesystem
 
     sock.setblocking(False)
-    async with Filesystem.running(config) as fs:
-        dispatcher = Dispatcher(fs, transport="virtiofs")
-        conn = Connection(sock, dispatcher, tag=tag, dax=bool(dax_size))
-        stats = None
-        if stats_interval:
-            stats = asyncio.create_task(_log_stats(dispatcher, stats_interval))
-        try:
-            await conn.run()
-        finally:
-            if stats is not None:
-                stats.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dispatcher.drain(), DRAIN_TIMEOUT)
-            sock.close()
+    dax_window = _dax_window(dax_name, dax_size) if dax_size else None
+    conn: Connection | None = None
+    try:
+        async with _filesystem_class(dax_window).running(config) as fs:
+            dispatcher = Dispatcher(fs, transport="virtiofs")
+            conn = Connection(sock, dispatcher, tag=tag, dax_window=dax_window)
+            await _serve(conn, dispatcher, stats_interval)
+    finally:
+        if dax_window is not None and not dax_window.closed:
+            dax_window.close()  # the supervisor never started it (the Filesystem failed)
+        sock.close()
+        for s in conn.dax_sockets if conn is not None else ():
+            s.close()
+
+
+def _dax_window(name: str | None, size: int):
+    """The DAX window, its map/unmap requests sent to the frontend once it hands a channel."""
+    from actors.dax import DaxWindow
+    from runtime.dax_channel import ChannelMapper
+
+    name = name or f"/actorfs-dax-{os.getpid()}"
+    return DaxWindow.create(name, size, mapper=ChannelMapper())
+
+
+def _filesystem_class(dax_window):
+    """Filesystem whose DAX actor is this connection's window (started with the others)."""
+    from runtime.filesystem import Filesystem
+
+    if dax_window is None:
+        return Filesystem
+
+    class VirtioFilesystem(Filesystem):
+        def __init__(self, config: FsConfig):
+            super().__init__(config)
+            self.dax = dax_window
+
+    return VirtioFilesystem
+
+
+async def _serve(conn: Connection, dispatcher, stats_interval: float) -> None:
+    stats = None
+    if stats_interval:
+        stats = asyncio.create_task(_log_stats(dispatcher, stats_interval))
+    try:
+        await conn.run()
+    finally:
+        if stats is not None:
+            stats.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dispatcher.drain(), DRAIN_TIMEOUT)
 
 
 async def _log_stats(dispatcher, interval: float) -> None:
@@ -312,8 +362,10 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
     """
     try:
         config.root = check_root(config.root)
+        if dax_size:
+            _dax_window(dax_name, dax_size).close()  # a bad name or size: say so now
         listener = bind_socket(socket_path)
-    except (ConfigError, SocketInUse) as exc:
+    except (ConfigError, SocketInUse, ValueError) as exc:
         print(f"actorfs: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -331,6 +383,11 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
                                    stats_interval=stats_interval)
             if once:
                 return 0
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancel that landed during the teardown was absorbed on the way
+                # (the supervisor's task group): honour it instead of accepting again.
+                raise asyncio.CancelledError
     finally:
         listener.close()
         _remove_socket(socket_path, ino)

@@ -200,7 +200,9 @@ async def send_message(sock: socket.socket, data: bytes) -> None:
 class QueueListener(Protocol):
     def queue_active(self, vq: Virtqueue) -> None: ...
     async def queue_stopping(self, vq: Virtqueue) -> None: ...
-    def backend_channel(self, sock: socket.socket, shmem: bool) -> None: ...
+    def backend_channel(self, sock: socket.socket, shmem: bool) -> bool:
+        """A backend channel arrived; True if the listener keeps (and will close) it."""
+        ...
 
 
 class VhostUserBackend:
@@ -432,9 +434,10 @@ class VhostUserBackend:
         fd = msg.fds.pop(0)
         if self.backend_sock is not None:
             self.backend_sock.close()
-        self.backend_sock = socket.socket(fileno=fd)
+        sock = socket.socket(fileno=fd)
         shmem = bool(self.protocol_features & PROTOCOL_F_SHMEM)
-        self.listener.backend_channel(self.backend_sock, shmem)
+        # Kept by the listener (the DAX sender) or by us, to be closed with the connection.
+        self.backend_sock = None if self.listener.backend_channel(sock, shmem) else sock
         return True
 
     def config_space(self) -> bytes:

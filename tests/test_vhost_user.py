@@ -89,7 +89,17 @@ class BackendThread:
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.task.cancel)
         self.thread.join(15)
-        assert not self.thread.is_alive()
+        if self.thread.is_alive():
+            import io
+            out = io.StringIO()
+
+            def dump():
+                for task in asyncio.all_tasks(self.loop):
+                    task.print_stack(file=out)
+
+            self.loop.call_soon_threadsafe(dump)
+            threading.Event().wait(1)
+            raise AssertionError("the backend did not stop when cancelled:\n" + out.getvalue())
 
 
 def _wait_for(path: str) -> None:
@@ -116,7 +126,7 @@ def echo_server(tmp_path):
                 d = EchoDispatcher()
                 dispatchers.append(d)
                 try:
-                    await Connection(sock, d, tag="testfs", dax=False).run()
+                    await Connection(sock, d, tag="testfs").run()
                 finally:
                     sock.close()
         finally:
@@ -519,3 +529,60 @@ def test_once_exits_after_the_frontend_leaves(tmp_path):
     server.thread.join(15)
     assert not server.thread.is_alive() and server.result == 0
     assert not os.path.exists(path)
+
+
+def test_dax_setupmapping_goes_over_the_backend_channel(tmp_path):
+    pytest.importorskip("runtime.dax_channel")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "mapped").write_bytes(b"m" * 8192)
+    path = str(tmp_path / "dax.sock")
+    name = f"/actorfs-test-dax-{os.getpid()}"
+    server = BackendThread(lambda: serve_vhost_user(
+        FsConfig(root=str(root)), path, dax_name=name, dax_size=1 << 21))
+    _wait_for(path)
+    fe = Frontend(path)
+    ours, theirs = socket.socketpair()
+    try:
+        fe.negotiate()
+        assert fe.protocol & vu.PROTOCOL_F_SHMEM and fe.protocol & vu.PROTOCOL_F_BACKEND_REQ
+        assert fe.acked(vu.SET_BACKEND_REQ_FD, b"", [theirs.fileno()]) == 0
+        theirs.close()
+        fe.set_mem_table()
+        q = fe.setup_queue(1)
+        fe.setup_queue(0)
+        _init(q)
+        error, reply = q.fuse(FUSE_LOOKUP, 1, b"mapped\0")
+        assert error == 0
+        nodeid = struct.unpack_from("<Q", reply)[0]
+        error, reply = q.fuse(FUSE_OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0))
+        fh = struct.unpack_from("<Q", reply)[0]
+
+        # The frontend's side of the channel: answer the SHMEM_MAP the backend sends.
+        got = {}
+
+        def frontend_side():
+            data, fds, _, _ = socket.recv_fds(ours, 12 + 40, 4)
+            got["msg"], got["fds"] = data, fds
+            req, flags, _ = struct.unpack_from("<III", data)
+            ours.sendall(struct.pack("<IIIQ", req, vu.VERSION | vu.FLAG_REPLY, 8, 0))
+
+        helper = threading.Thread(target=frontend_side)
+        helper.start()
+        setup = struct.pack("<QQQQQ", fh, 0, 4096, 2, 4096)  # READ flag, window offset 4096
+        error, _ = q.fuse(48, nodeid, setup)
+        helper.join(10)
+        assert error == 0
+        req, flags, size = struct.unpack_from("<III", got["msg"])
+        shmid, fd_offset, shm_offset, length, mflags = struct.unpack_from(
+            "<B7xQQQQ", got["msg"], 12)
+        assert (req, size, fd_offset, shm_offset, length) == (vu.BACKEND_SHMEM_MAP, 40, 0,
+                                                              4096, 4096)
+        assert len(got["fds"]) == 1 and os.fstat(got["fds"][0]).st_ino == (
+            root / "mapped").stat().st_ino
+        for fd in got["fds"]:
+            os.close(fd)
+    finally:
+        fe.close()
+        ours.close()
+        server.stop()
