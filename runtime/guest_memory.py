@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 U64 = (1 << 64) - 1
@@ -44,6 +45,15 @@ def map_region(fd: int, guest_addr: int, size: int, user_addr: int, mmap_offset:
     """mmap `size` bytes at `mmap_offset` of `fd` (the fd is not closed here)."""
     if size <= 0 or guest_addr + size > U64 + 1 or user_addr + size > U64 + 1:
         raise GuestMemoryError(f"bad memory region gpa={guest_addr:#x} size={size:#x}")
+    # Touching a mapping past the end of its file is SIGBUS: refuse such a region.
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise GuestMemoryError(f"memory region fd: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + size:
+        raise GuestMemoryError(
+            f"memory region of {size:#x} bytes at offset {mmap_offset:#x} "
+            f"runs past its {st.st_size:#x}-byte file")
     # mmap offsets must be page aligned; map from the page below and slice.
     gran = mmap.ALLOCATIONGRANULARITY
     base = mmap_offset - mmap_offset % gran

@@ -133,6 +133,11 @@ class QueueRunner:
                     await self._dispatch(chain)
             except QueueBroken as exc:
                 log.warning("%s: the queue is stopped until the driver sets it up again", exc)
+            except Exception:
+                # A bug must not silently stall the queue: say so, and stop it the same way.
+                log.exception("queue %d: processing failed; the queue is stopped", vq.index)
+                vq.broken = True
+                vq.signal_error()
 
     async def _dispatch(self, chain: Chain) -> None:
         vq = self.vq
@@ -275,6 +280,8 @@ class Connection:
             log.warning("vhost-user protocol error, closing the connection: %s", exc)
         except (ConnectionError, OSError) as exc:
             log.info("frontend connection lost: %s", exc)
+        except Exception:
+            log.exception("vhost-user message handling failed, closing the connection")
         finally:
             runners = list(self.runners.values())
             self.runners.clear()

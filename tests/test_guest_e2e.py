@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.guest import image
+from tests.guest import run as run_mod
 
 pytestmark = [pytest.mark.slow, pytest.mark.guest]
-
-REPO = Path(__file__).resolve().parents[1]
-BOOT_TIMEOUT = 600  # TCG on a loaded CI machine; the run itself takes ~10 s here
 
 
 def _guest_image() -> image.GuestImage:
@@ -40,60 +33,24 @@ def _guest_image() -> image.GuestImage:
         pytest.fail(f"cannot build the test guest: {exc}")
 
 
-def _wait_for_socket(path: Path, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if server.poll() is not None:
-            pytest.fail(f"the backend exited early with status {server.returncode}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"the backend did not create {path}")
-        time.sleep(0.05)
-
-
-def _report(console: str) -> list[str]:
-    m = re.search(r"ACTORFS-REPORT-BEGIN\s*\n(.*?)ACTORFS-REPORT-END", console, re.S)
-    assert m, f"no workload report on the guest console:\n{console[-3000:]}"
-    return [line.strip() for line in m.group(1).splitlines() if line.strip()]
-
-
 def test_linux_guest_workload_over_virtiofs(tmp_path):
     img = _guest_image()
     root = tmp_path / "shared"
-    root.mkdir()
-    (root / "from_host.txt").write_text("written by the host")
-    sock = tmp_path / "vhost-fs.sock"
-    console_log = tmp_path / "console.log"
-    server_log = tmp_path / "server.log"
-
-    with open(server_log, "wb") as slog:
-        server = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "guest" / "serve.py"), str(sock), str(root)],
-            stdout=slog, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-        try:
-            _wait_for_socket(sock, server)
-            qemu = subprocess.run(image.qemu_command(img, str(sock), str(console_log)),
-                                  capture_output=True, text=True, timeout=BOOT_TIMEOUT)
-            status = server.wait(timeout=60)  # --once: the backend leaves with the frontend
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-
-    console = console_log.read_text(errors="replace") if console_log.exists() else ""
-    context = (f"\n--- qemu (status {qemu.returncode}) ---\n{qemu.stderr[-2000:]}"
-               f"\n--- backend ---\n{server_log.read_text(errors='replace')[-3000:]}"
-               f"\n--- console ---\n{console[-4000:]}")
+    run_mod.prepare_root(root)
+    run = run_mod.run_guest(img, "actorfs", tmp_path, root)
+    context = run.context()
+    console = run.console
     assert "ACTORFS-INSMOD-FAIL" not in console, context
     assert "ACTORFS-MOUNTED" in console, context
-    lines = _report(console)
+    lines = run.report()
+    assert lines, "no workload report on the guest console" + context
     failures = [line for line in lines if line.startswith("FAIL")]
     assert not failures, "\n".join(failures) + context
     result = next(line for line in lines if line.startswith("RESULT"))
     assert result.endswith("fail=0") and "pass=0" not in result, result
     assert "ACTORFS-UMOUNTED" in console, context
-    assert status == 0, f"backend exit status {status}" + context
-    assert not sock.exists(), "the backend left its socket file behind"
+    assert run.backend_status == 0, context  # --once: it left with the frontend
+    assert not (tmp_path / "actorfs.sock").exists(), "the backend left its socket file behind"
 
     # The host directory holds what the guest did.
     facts = dict(line.split()[1:3] for line in lines if line.startswith("FACT"))

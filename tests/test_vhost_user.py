@@ -208,7 +208,25 @@ def test_bad_memory_table_is_refused(echo_server):
     payload = struct.pack("<II", 2, 0) + struct.pack("<QQQQ", GPA_BASE, 8192, 0, 0) + \
         struct.pack("<QQQQ", GPA_BASE + 4096, 8192, 1 << 40, 0)
     assert fe.acked(vu.SET_MEM_TABLE, payload, [fe.memfd, fe.memfd]) != 0
+    # A region that runs past the end of its memfd (touching it would be SIGBUS).
+    payload = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", GPA_BASE, 2 * fe.mem_size, 0, 0)
+    assert fe.acked(vu.SET_MEM_TABLE, payload, [fe.memfd]) != 0
     assert fe.set_mem_table() == 0
+
+
+def test_buffers_spanning_two_regions(echo_server):
+    """Two regions of one memfd, adjacent in guest-physical space (as QEMU splits RAM)."""
+    fe = echo_server()
+    fe.negotiate()
+    half = fe.mem_size // 2
+    payload = struct.pack("<II", 2, 0) + struct.pack(
+        "<QQQQ", GPA_BASE, half, 0x7F0000000000, 0) + struct.pack(
+        "<QQQQ", GPA_BASE + half, half, 0x7F0000000000 + half, half)
+    assert fe.acked(vu.SET_MEM_TABLE, payload, [fe.memfd, fe.memfd]) == 0
+    q = fe.setup_queue(1)
+    fe.brk = half - 30  # the next buffers straddle the boundary
+    body = os.urandom(100)
+    assert echo(q, body, split=False) == body
 
 
 def test_oversized_message_closes_only_that_connection(echo_server):
