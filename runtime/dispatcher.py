@@ -244,7 +244,12 @@ class Dispatcher:
             return
         if self.init is None or opcode == P.FUSE_INIT:
             if opcode == P.FUSE_INIT and self.init is None:
-                iov = self._negotiate(req)
+                try:
+                    iov = self._negotiate(req)
+                except Exception:  # a broken config must not kill the transport
+                    log.exception("FUSE_INIT negotiation failed")
+                    self.init = None
+                    iov = P.reply_error(unique, errno.EIO)
             elif opcode in P.NO_REPLY_OPCODES:
                 return
             else:  # before INIT (or a second INIT): the session is not usable
@@ -263,7 +268,9 @@ class Dispatcher:
             return
         handler = self._handlers.get(opcode)
         if handler is None:
-            if opcode == P.FUSE_NOTIFY_REPLY:  # we never send RETRIEVE: nothing to match
+            if opcode in P.NO_REPLY_OPCODES:
+                # NOTIFY_REPLY: we never send RETRIEVE, nothing to match. FORGET
+                # without a forget op: nothing to do, and never a reply.
                 self._stats.record(opcode, perf_counter_ns() - t0, False)
                 return
             self._stats.record(opcode, perf_counter_ns() - t0, True)

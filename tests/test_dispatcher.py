@@ -985,3 +985,34 @@ async def test_real_kernel_mount(tmp_path, passthrough):
         assert d.init.minor == 38 and not d.passthrough
         assert ops["WRITE"]["count"] >= 1 and ops["READ"]["count"] >= 1
     assert d.stats()["protocol_errors"] == 0
+
+
+async def test_missing_ops_and_broken_config_never_raise():
+    # An op layer without forget: FORGET is still never answered; GETATTR is ENOSYS.
+    sent = []
+    d = Dispatcher(_STUB_FS, ops=types.SimpleNamespace(), ops_dax=types.SimpleNamespace())
+    init = P.Init(h=P.InHeader(unique=1), major=7, minor=38, flags=KERNEL_FLAGS)
+    await d.submit(P.encode_request(init), lambda iov: sent.append(P.iov_bytes(iov)))
+    await d.submit(
+        P.encode_request(P.Forget(h=P.InHeader(unique=3, nodeid=5), nlookup=1)), sent.append
+    )
+    await d.submit(
+        P.encode_request(P.Getattr(h=P.InHeader(unique=5, nodeid=1))),
+        lambda iov: sent.append(P.iov_bytes(iov)),
+    )
+    await d.drain()
+    assert [struct.unpack_from("<iQ", r, 4) for r in sent] == [(0, 1), (-errno.ENOSYS, 5)]
+    # READDIRPLUS is not offered when the op layer cannot do it.
+    assert not d.init.flags & P.FUSE_DO_READDIRPLUS
+
+    # A filesystem whose config breaks INIT: an EIO reply, no exception, no session.
+    class BadConfig:
+        @property
+        def writeback(self):
+            raise RuntimeError("broken config")
+
+    broken = types.SimpleNamespace(config=BadConfig(), dax=None)
+    d = Dispatcher(broken, ops=types.SimpleNamespace(), ops_dax=types.SimpleNamespace())
+    sent.clear()
+    await d.submit(P.encode_request(init), lambda iov: sent.append(P.iov_bytes(iov)))
+    assert struct.unpack_from("<i", sent[0], 4)[0] == -errno.EIO and d.init is None
