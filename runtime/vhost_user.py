@@ -265,6 +265,9 @@ class VhostUserBackend:
         try:
             result = await handler(self, msg)
         except (struct.error, GuestMemoryError, ValueError) as exc:
+            if msg.request in _REPLYING:
+                # The frontend waits for a reply we cannot give: end the connection.
+                raise ProtocolError(f"request {msg.request}: {exc}") from None
             log.warning("vhost-user request %d failed: %s", msg.request, exc)
             msg.close_fds()
             return self._ack(msg, ok=False)
@@ -481,6 +484,10 @@ class VhostUserBackend:
             self.backend_sock.close()
             self.backend_sock = None
 
+
+# Requests whose reply is their answer, not an ack.
+_REPLYING = frozenset({GET_FEATURES, GET_PROTOCOL_FEATURES, GET_VRING_BASE, GET_QUEUE_NUM,
+                       GET_CONFIG, GET_MAX_MEM_SLOTS})
 
 _HANDLERS = {
     GET_FEATURES: VhostUserBackend._get_features,

@@ -452,6 +452,17 @@ def test_ring_addresses_outside_memory_do_not_start_the_queue(echo_server):
     assert fe.get_u64(vu.GET_FEATURES)  # still talking
 
 
+def test_truncated_get_request_closes_the_connection(echo_server):
+    fe = echo_server()
+    fe.negotiate()
+    fe.send(vu.GET_VRING_BASE, b"\x01\x00")  # needs {index, num}: 8 bytes
+    with pytest.raises((ConnectionError, OSError)):
+        fe.recv()
+    fe2 = echo_server()
+    fe2.start()
+    assert echo(fe2.queues[1], b"next") == b"next"
+
+
 def test_queue_index_out_of_range_closes_the_connection(echo_server):
     fe = echo_server()
     fe.negotiate()
@@ -604,3 +615,101 @@ def test_dax_setupmapping_goes_over_the_backend_channel(tmp_path):
         fe.close()
         ours.close()
         server.stop()
+
+
+def test_many_fuse_requests_in_flight(tmp_path):
+    pytest.importorskip("runtime.dispatcher")
+    root, path, server = _fs_server(tmp_path)
+    for i in range(40):
+        (root / f"f{i}").write_bytes(b"x" * i)
+    fe = Frontend(path)
+    try:
+        fe.start(nqueues=2, size=256)
+        q = fe.queues[1]
+        _init(q)
+        pending = {}
+        for i in range(40):
+            name = f"f{i}\0".encode()
+            hdr = IN_HEADER.pack(IN_HEADER.size + len(name), FUSE_LOOKUP, 1000 + 2 * i, 1,
+                                 0, 0, 0, 0, 0)
+            head, out = q.add_chain([hdr, name], [16, 128])
+            pending[head] = (i, out)
+        for head, length in q.wait_used(40):
+            i, out = pending.pop(head)
+            data = b"".join(fe.read(gpa, n) for gpa, n in out)[:length]
+            _, error, unique = OUT_HEADER.unpack_from(data)
+            assert (error, unique) == (0, 1000 + 2 * i)
+            assert struct.unpack_from("<Q", data, 16 + 40 + 8)[0] == i  # attr.size
+        assert not pending
+    finally:
+        fe.close()
+        server.stop()
+
+
+# -- the descriptor walker, fuzzed ----------------------------------------------------------
+def test_descriptor_walker_never_escapes_guest_memory():
+    """Random rings and tables: pop() returns chains inside memory or breaks the queue."""
+    import mmap as mmap_mod
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from runtime.guest_memory import GuestMemory, map_region
+    from runtime.virtqueue import Chain, QueueBroken, Virtqueue
+
+    size = 1 << 16
+    fd = os.memfd_create("fuzz")
+    os.ftruncate(fd, size)
+    mem = GuestMemory([map_region(fd, 0x10000, size, 0x10000, 0)])
+    raw = mmap_mod.mmap(fd, size)
+    base = 0x10000
+    # Mostly plausible buffers, so that chains get far enough to loop and nest.
+    inside = st.integers(base + 0x4000, base + size - 600)
+    addrs = st.one_of(inside, inside, inside, st.integers(0, (1 << 64) - 1),
+                      st.integers(base - 64, base + size + 64),
+                      st.sampled_from([base + 0x1000, base + size - 16, (1 << 64) - 16]))
+    lengths = st.one_of(st.integers(0, 512), st.integers(0, 512),
+                        st.integers(0, (1 << 32) - 1), st.sampled_from([16, 32, 64, 256]))
+    desc = st.tuples(addrs, lengths, st.integers(0, 7), st.integers(0, 20))
+
+    @settings(max_examples=500, deadline=None)
+    @given(num=st.sampled_from([4, 8, 16]), table=st.lists(desc, min_size=16, max_size=16),
+           heads=st.lists(st.integers(0, 3) | st.integers(0, 3) | st.integers(0, 20),
+                          min_size=1, max_size=4),
+           avail=st.integers(1, 4) | st.integers(1, 4) | st.integers(0, 0xFFFF))
+    def check(num, table, heads, avail):
+        raw[:] = bytes(size)
+        for i, d in enumerate(table):
+            struct.pack_into("<QIHH", raw, 16 * i, *d)
+        # Indirect tables point into the same area (offset 0x1000) with random contents.
+        for i, d in enumerate(table):
+            struct.pack_into("<QIHH", raw, 0x1000 + 16 * i, *d)
+        for k, h in enumerate(heads):
+            struct.pack_into("<H", raw, 0x2000 + 4 + 2 * k, h)
+        struct.pack_into("<H", raw, 0x2000 + 2, avail)
+        vq = Virtqueue(1)
+        vq.num = num
+        vq.desc_uaddr, vq.avail_uaddr, vq.used_uaddr = base, base + 0x2000, base + 0x3000
+        vq.addr_set = True
+        vq.map_rings(mem)
+        try:
+            for _ in range(len(heads) + 1):
+                chain = vq.pop()
+                if chain is None:
+                    break
+                assert isinstance(chain, Chain) and 0 <= chain.head < num
+                if chain.error is None:
+                    for v in chain.readable + chain.writable:
+                        assert v.obj is mem.regions[0].mm  # a slice of the mapping itself
+                    chain.write_reply([b"\xab" * min(chain.writable_len, 64)])
+                vq.push(chain.head, 0)
+        except QueueBroken:
+            assert vq.broken
+        vq.unmap_rings()
+
+    try:
+        check()
+    finally:
+        mem.close()
+        raw.close()
+        os.close(fd)
