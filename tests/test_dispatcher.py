@@ -1016,3 +1016,20 @@ async def test_missing_ops_and_broken_config_never_raise():
     sent.clear()
     await d.submit(P.encode_request(init), lambda iov: sent.append(P.iov_bytes(iov)))
     assert struct.unpack_from("<i", sent[0], 4)[0] == -errno.EIO and d.init is None
+
+
+def test_stats_buckets_and_percentiles():
+    from runtime.stats import NBUCKETS, Stats
+
+    s = Stats()
+    for _ in range(98):
+        s.record(P.FUSE_READ, 3_000, False)  # 3 us -> bucket (2, 4]
+    s.record(P.FUSE_READ, 900_000, True)  # 900 us -> bucket (512, 1024]
+    s.record(P.FUSE_READ, 10**18, True)  # absurd: clamped into the last bucket
+    snap = s.snapshot(lambda op: P.OPCODE_NAMES[op])
+    r = snap["ops"]["FUSE_READ"]
+    assert (r["count"], r["errors"]) == (100, 2)
+    assert r["p50_us"] == 4
+    assert r["p99_us"] == 1024
+    assert r["histogram_us"] == {4: 98, 1024: 1, 1 << (NBUCKETS - 1): 1}
+    assert snap["total"] == 100 and snap["errors"] == 2
