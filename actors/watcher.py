@@ -53,7 +53,7 @@ import anyio
 
 from actors.inode_table import KIND_DIR
 from runtime import inotify
-from runtime.actor import Actor
+from runtime.actor import Actor, ActorStopped
 from runtime.attrs import FUSE_ROOT_ID
 from runtime.errno_map import FsError
 
@@ -152,13 +152,9 @@ class Watcher(Actor):
         self.watch_errors = 0  # the inode could not be watched (EACCES, ENOENT...)
         self.sent = dict.fromkeys(NOTICE_KINDS, 0)
         self.undelivered = dict.fromkeys(NOTICE_KINDS, 0)
-        try:
-            self._ino = inotify.Inotify()
-        except OSError as exc:  # EMFILE: too many inotify instances for this user
-            self._init_error = exc
-            log.warning("host changes are not watched: inotify_init1 failed: %s", exc)
-        if fs is not None:
-            self.watch(FUSE_ROOT_ID, os.dup(fs.inodes.root_fd), True)
+        self._root_fd = fs.inodes.root_fd if fs is not None else None
+        # The inotify fd, the notify thread and the root's watch come with run():
+        # a watcher built but never run holds nothing.
 
     # -- the op layer's API (sync, never waits) ---------------------------------
     def watch(
@@ -179,6 +175,10 @@ class Watcher(Actor):
         queued) goes through the mailbox whole, to stay ordered after it.
         """
         ino = self._ino
+        if ino is None and not self._stopped and self._init_error is None:
+            # Not started yet: the mailbox keeps it (and its fd) until run().
+            if self.tell(self._watch, nodeid, fd, is_dir, parent, name):
+                return True
         if self._stopped or ino is None or ino.closed:
             os.close(fd)
             self.watches_refused += 1
@@ -396,8 +396,21 @@ class Watcher(Actor):
             # so running this one here cannot interleave with another.
             self._drain()
 
+    def _open_inotify(self) -> None:
+        if self._ino is not None or self._init_error is not None:
+            return
+        try:
+            self._ino = inotify.Inotify()
+        except OSError as exc:  # EMFILE: too many inotify instances for this user
+            self._init_error = exc
+            log.warning("host changes are not watched: inotify_init1 failed: %s", exc)
+            return
+        if self._root_fd is not None:
+            self._watch(FUSE_ROOT_ID, os.dup(self._root_fd), True, None, None)
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._open_inotify()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="actorfs-notify")
         sender = asyncio.create_task(self._send_loop(), name="watcher:send")
         self._armed = False
@@ -511,8 +524,25 @@ class Watcher(Actor):
         self._by_nodeid.clear()
         self._by_wd.clear()
 
+    def _fail_pending(self) -> None:
+        """As Actor's, and a queued watch() message's fd is closed, not leaked."""
+        while True:
+            try:
+                msg = self._mailbox.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if not isinstance(msg, tuple):
+                continue  # the stop marker
+            handler, args, fut = msg
+            if getattr(handler, "__func__", None) is Watcher._watch:
+                with contextlib.suppress(OSError):
+                    os.close(args[1])
+            if fut is not None and not fut.done():
+                fut.set_exception(ActorStopped(self.name))
+
     def close(self) -> None:
         self._close_inotify()
+        self._fail_pending()  # a watcher that never ran still owns queued fds
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

@@ -126,7 +126,13 @@ async def sentinel(fs, rec, directory, parent: int, tag: str):
 
 
 def watcher_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    """This process's open fds (without the one the listing itself used)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            os.readlink(f"/proc/self/fd/{fd}")
+            out.add(fd)
+    return out
 
 
 def inotify_watch_count(w: Watcher) -> int:
@@ -405,3 +411,30 @@ async def test_watch_file_by_nodeid_for_a_dax_mapping(tmp_path):
         assert f in await fs.watcher.watched()
         os.truncate(sub / "mapped", 8192)
         await until(lambda: any(c[2] == 0 for c in rec.inode(f)), "size change notice")
+
+
+async def test_a_watcher_that_never_ran_holds_nothing(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    before = watcher_fds()
+    fs = Filesystem(FsConfig(root=str(tmp_path)))
+    w = Watcher(fs, Recorder())
+    assert watcher_fds() - before == {str(fs.inodes.root_fd)}  # only the table's root fd
+    fd = os.open(tmp_path / "f", os.O_PATH)
+    assert w.watch(5, fd, False)  # queued until run()
+    w.close()
+    fs.inodes.close()
+    fs.pool.shutdown()
+    assert watcher_fds() == before
+
+
+async def test_stop_with_queued_watches_closes_their_fds(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    rec = Recorder()
+    async with watched_fs(tmp_path, rec) as fs:
+        await fs.watcher.watched()
+        fds = watcher_fds()
+        fs.watcher.stop()  # the stop marker goes first: later messages are never handled
+        fd = os.open(tmp_path / "f", os.O_PATH)
+        fs.watcher.watch(7, fd, False)  # stopped: refused here, fd closed
+        await until(lambda: not fs.watcher.running, "stopped")
+        assert watcher_fds() <= fds
