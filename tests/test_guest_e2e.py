@@ -2,9 +2,9 @@
 
 The guest (Debian's cloud kernel + a busybox initramfs, tests/guest/) mounts
 the `actorfs` tag, runs tests/guest/workload.sh, prints a report on its serial
-console, unmounts and powers off. The backend is `serve_vhost_user(once=True)`
-in its own process. The test checks the guest's report and then the host
-directory itself.
+console, unmounts and powers off. The backend is `actorfs serve --once` (the
+CLI, in its own process). The test checks the guest's report and then the
+host directory itself.
 
 TCG, not KVM: a Linux guest under QEMU 7.2 with KVM hangs in early boot on
 these (nested) machines, while TCG boots this guest in seconds.

@@ -4,7 +4,7 @@ Used by tests/test_guest_e2e.py, and usable by a benchmark to run the same
 guest workload against actorfs and against Debian's reference daemon:
 
     python3 -m tests.guest.run            # both, one after the other, with timings
-    python3 -m tests.guest.run actorfs    # just one
+    python3 -m tests.guest.run actorfs    # just one (actorfs-api: without the CLI)
 
 Each run gets a fresh directory with `from_host.txt`, as the workload expects.
 """
@@ -27,11 +27,14 @@ BOOT_TIMEOUT = 600
 
 
 def backend_command(name: str, sock: Path, root: Path) -> list[str]:
-    if name == "actorfs":
+    if name == "actorfs":  # the command users run
+        return [sys.executable, "-m", "runtime.cli", "serve", "--socket", str(sock), "--once",
+                str(root)]
+    if name == "actorfs-api":  # serve_vhost_user() called directly
         return [sys.executable, str(REPO / "tests" / "guest" / "serve.py"), str(sock), str(root)]
     if name == "virtiofsd":
         return [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={root}", "-o", "cache=auto"]
-    raise ValueError(f"unknown backend {name!r}: actorfs or virtiofsd")
+    raise ValueError(f"unknown backend {name!r}: actorfs, actorfs-api or virtiofsd")
 
 
 def prepare_root(root: Path) -> None:
