@@ -187,7 +187,7 @@ def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc):
         if flags & os.O_EXCL:
             raise
         created = False
-        fd = os.open(name, base, dir_fd=pfd)
+        fd = _open_existing(pfd, name, base)
     try:
         pfd2 = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
         try:
@@ -541,7 +541,23 @@ async def open(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int) -> 
     return await _opened(fs, fd, nodeid)
 
 
+def _open_existing(pfd: int, name: bytes, flags: int) -> int:
+    """open(2) of parent/name that never opens a symlink or a special file."""
+    ifd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
+    try:
+        return _reopen(ifd, flags)
+    finally:
+        os.close(ifd)
+
+
 def _reopen(ifd: int, flags: int) -> int:
+    # Regular files only: a kernel opens special files itself and never sends
+    # OPEN for them, but a hostile client can, and open(2) on a FIFO blocks a
+    # pool thread until a writer comes (a device open has side effects).
+    mode = os.fstat(ifd).st_mode
+    if not stat.S_ISREG(mode):
+        err = errno.EISDIR if stat.S_ISDIR(mode) else errno.ELOOP if stat.S_ISLNK(mode) else errno.ENXIO
+        raise FsError(err, "not a regular file")
     try:
         return os.open(proc_fd(ifd), flags)
     except PermissionError:
