@@ -159,7 +159,8 @@ class QueueRunner:
             # No reply will come: hand back the buffers now, and a copy to the dispatcher
             # since the guest may reuse them at once.
             self._complete(chain.head, 0)
-            await self.conn.dispatcher.submit(bytes(frame), _no_reply)
+            dispatcher = await self.conn.dispatcher_for(opcode)
+            await dispatcher.submit(bytes(frame), _no_reply)
             return
         unique = _UNIQUE.unpack_from(frame, 8)[0]
         generation = vq.generation
@@ -183,7 +184,8 @@ class QueueRunner:
             self._complete(chain.head, written)
 
         try:
-            await self.conn.dispatcher.submit(frame, send)
+            dispatcher = await self.conn.dispatcher_for(opcode)
+            await dispatcher.submit(frame, send)
         except Exception:
             log.exception("queue %d: dispatch failed", vq.index)
             send(protocol.reply_error(unique, errno.EIO))
@@ -232,16 +234,35 @@ def _no_reply(iov: list) -> None:
 
 # -- one frontend connection ------------------------------------------------------
 class Connection:
-    """The QueueListener for one frontend: owns the queue runners."""
+    """The QueueListener for one frontend: owns the queue runners and the FUSE session."""
 
     def __init__(self, sock: socket.socket, dispatcher, *, tag: str | None = None,
-                 dax_window=None):
+                 dax_window=None, renew=None):
         self.sock = sock
         self.dispatcher = dispatcher
         self.runners: dict[int, QueueRunner] = {}
         self.dax_window = dax_window
+        # renew(): close the session and open a fresh one -> (dispatcher, dax_window).
+        self.renew = renew
+        self._renewing = asyncio.Lock()
         self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None)
         self.dax_sockets: list[socket.socket] = []
+
+    async def dispatcher_for(self, opcode: int):
+        """The dispatcher for a request; a second INIT starts a new FUSE session.
+
+        A guest that reboots or resets the device without unmounting sends
+        INIT again on the same connection: its old nodeids and handles are
+        gone with it, so it gets a fresh Filesystem rather than an error.
+        """
+        async with self._renewing:
+            if (opcode == protocol.FUSE_INIT and self.renew is not None
+                    and getattr(self.dispatcher, "init", None) is not None):
+                log.info("the guest sent INIT again: starting a new FUSE session")
+                self.dispatcher, self.dax_window = await self.renew()
+                if self.dax_window is not None and self.dax_sockets:
+                    self._connect_dax(self.dax_sockets[-1])
+            return self.dispatcher
 
     # QueueListener
     def queue_active(self, vq: Virtqueue) -> None:
@@ -258,13 +279,16 @@ class Connection:
         """With SHMEM negotiated, DAX map/unmap requests go to the frontend on this channel."""
         if self.dax_window is None or not shmem:
             return False
-        from runtime.dax_channel import DaxChannel
-
         sock.setblocking(True)  # the DAX sender thread does blocking sends with a timeout
-        self.dax_window.mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
+        self._connect_dax(sock)
         self.dax_sockets.append(sock)  # closed after the DAX window (its unmaps go out first)
         log.info("DAX: SETUPMAPPING/REMOVEMAPPING go to the frontend over the backend channel")
         return True
+
+    def _connect_dax(self, sock: socket.socket) -> None:
+        from runtime.dax_channel import DaxChannel
+
+        self.dax_window.mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
 
     async def run(self) -> None:
         try:
@@ -294,26 +318,94 @@ class Connection:
                 await self.backend.close()
 
 
+class Session:
+    """One FUSE session: a Filesystem (actors, blocking pool) and its Dispatcher.
+
+    The Filesystem lives in a task of its own: its supervisor's task group must
+    be entered and left by the same task, while sessions are opened and closed
+    from whichever task sees the frontend connect or the guest send INIT again.
+    """
+
+    def __init__(self, config: FsConfig, dax_name: str | None, dax_size: int):
+        self.config = config
+        self.dax_name = dax_name
+        self.dax_size = dax_size
+        self.dispatcher = None
+        self.dax_window = None
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def open(self) -> Session:
+        ready = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._live(ready), name="fuse-session")
+        try:
+            await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._task.cancel()
+            raise
+        if not ready.done():
+            await self._task  # it ended before being ready: its exception
+            raise RuntimeError("the FUSE session ended before it started")
+        return self
+
+    async def _live(self, ready: asyncio.Future) -> None:
+        from runtime.dispatcher import Dispatcher
+
+        if self.dax_size:
+            self.dax_window = _dax_window(self.dax_name, self.dax_size)
+        try:
+            async with _filesystem_class(self.dax_window).running(self.config) as fs:
+                self.dispatcher = Dispatcher(fs, transport="virtiofs")
+                ready.set_result(None)
+                await self._closing.wait()
+                # Let the requests in flight finish (bounded), then stop the actors.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.dispatcher.drain(), DRAIN_TIMEOUT)
+        finally:
+            if self.dax_window is not None and not self.dax_window.closed:
+                self.dax_window.close()  # the supervisor never started it
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        self._closing.set()
+        try:
+            await asyncio.wait([self._task])
+        except BaseException:
+            self._task.cancel()  # we are cancelled ourselves: do not leave it behind
+            raise
+        if not self._task.cancelled() and self._task.exception() is not None:
+            log.warning("FUSE session ended with %r", self._task.exception())
+
+
 async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str | None = None,
                            dax_name: str | None = None, dax_size: int = 0,
                            stats_interval: float = 0) -> None:
-    """Serve one frontend until it disconnects: a fresh Filesystem and Dispatcher."""
-    from runtime.dispatcher import Dispatcher
-
+    """Serve one frontend until it disconnects, in a fresh FUSE session."""
     sock.setblocking(False)
-    dax_window = _dax_window(dax_name, dax_size) if dax_size else None
+    session = None
     conn: Connection | None = None
+
+    async def renew():
+        nonlocal session
+        old, session = session, None
+        await old.close()
+        session = await Session(config, dax_name, dax_size).open()
+        return session.dispatcher, session.dax_window
+
     try:
-        async with _filesystem_class(dax_window).running(config) as fs:
-            dispatcher = Dispatcher(fs, transport="virtiofs")
-            conn = Connection(sock, dispatcher, tag=tag, dax_window=dax_window)
-            await _serve(conn, dispatcher, stats_interval)
+        session = await Session(config, dax_name, dax_size).open()
+        conn = Connection(sock, session.dispatcher, tag=tag, dax_window=session.dax_window,
+                          renew=renew)
+        await _serve(conn, stats_interval)
     finally:
-        if dax_window is not None and not dax_window.closed:
-            dax_window.close()  # the supervisor never started it (the Filesystem failed)
-        sock.close()
-        for s in conn.dax_sockets if conn is not None else ():
-            s.close()
+        try:
+            if session is not None:
+                await session.close()
+        finally:
+            sock.close()
+            for s in conn.dax_sockets if conn is not None else ():
+                s.close()
 
 
 def _dax_window(name: str | None, size: int):
@@ -340,23 +432,21 @@ def _filesystem_class(dax_window):
     return VirtioFilesystem
 
 
-async def _serve(conn: Connection, dispatcher, stats_interval: float) -> None:
+async def _serve(conn: Connection, stats_interval: float) -> None:
     stats = None
     if stats_interval:
-        stats = asyncio.create_task(_log_stats(dispatcher, stats_interval))
+        stats = asyncio.create_task(_log_stats(conn, stats_interval))
     try:
         await conn.run()
     finally:
         if stats is not None:
             stats.cancel()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(dispatcher.drain(), DRAIN_TIMEOUT)
 
 
-async def _log_stats(dispatcher, interval: float) -> None:
+async def _log_stats(conn: Connection, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        log.info("stats: %s", dispatcher.stats())
+        log.info("stats: %s", conn.dispatcher.stats())
 
 
 async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = False,

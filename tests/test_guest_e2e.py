@@ -74,3 +74,21 @@ def test_linux_guest_workload_over_virtiofs(tmp_path):
         log = (root / "par" / f"log{w}").read_text().splitlines()
         assert log == [f"writer {w} line {j}" for j in range(40)]
         assert (root / "par" / f"w{w}_39").read_text() == f"writer {w} file 39\n"
+
+
+def test_guest_reboot_without_unmount_gets_a_fresh_session(tmp_path):
+    """The guest reboots while mounted: no DESTROY, the device is reset, INIT comes again."""
+    img = _guest_image()
+    root = tmp_path / "shared"
+    run_mod.prepare_root(root)
+    # Through serve_vhost_user() directly (tests/guest/serve.py), which logs at INFO.
+    run = run_mod.run_guest(img, "actorfs-api", tmp_path, root, reboot=True)
+    context = run.context()
+    assert run.console.count("ACTORFS-MOUNTED") == 2, context
+    assert "ACTORFS-REBOOTING" in run.console, context
+    assert "INIT again" in run.backend_log, context  # same connection, new session
+    lines = run.report()
+    failures = [line for line in lines if line.startswith("FAIL")]
+    assert lines and not failures, "\n".join(failures) + context
+    assert (root / ".rebooted").read_text() == "first boot\n"
+    assert run.backend_status == 0, context

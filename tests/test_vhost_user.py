@@ -713,3 +713,30 @@ def test_descriptor_walker_never_escapes_guest_memory():
         mem.close()
         raw.close()
         os.close(fd)
+
+
+def test_second_init_starts_a_new_session(tmp_path):
+    """A guest reset without unmounting: rings set up again, INIT again, clean slate."""
+    pytest.importorskip("runtime.dispatcher")
+    root, path, server = _fs_server(tmp_path)
+    (root / "a").write_text("x")
+    fe = Frontend(path)
+    try:
+        fe.start()
+        _init(fe.queues[1])
+        error, reply = fe.queues[1].fuse(FUSE_LOOKUP, 1, b"a\0")
+        assert error == 0
+        old_nodeid = struct.unpack_from("<Q", reply)[0]
+        for i in (0, 1):
+            fe.get_vring_base(i)
+        fe.queues.clear()
+        fe.setup_queue(0)
+        q = fe.setup_queue(1)
+        _init(q)  # not EIO: a new session
+        error, reply = q.fuse(FUSE_LOOKUP, 1, b"a\0")
+        assert error == 0
+        error, _ = q.fuse(FUSE_GETATTR, old_nodeid + 1000, struct.pack("<IIQ", 0, 0, 0))
+        assert error != 0
+    finally:
+        fe.close()
+        server.stop()

@@ -152,9 +152,14 @@ def build(extra_files: dict[str, Path] | None = None) -> GuestImage:
 
 
 def qemu_command(image: GuestImage, socket_path: str, console_log: str, *,
-                 mem: str = "512M", tag: str = "actorfs", append: str = "") -> list[str]:
-    """QEMU with memfd-backed shared guest RAM and a vhost-user-fs-pci device (TCG)."""
-    return [
+                 mem: str = "512M", tag: str = "actorfs", reboot: bool = False) -> list[str]:
+    """QEMU with memfd-backed shared guest RAM and a vhost-user-fs-pci device (TCG).
+
+    reboot: the guest reboots once, still mounted, before its workload (else a
+    reboot, e.g. after a panic, ends QEMU).
+    """
+    append = "actorfs.reboot=1" if reboot else ""
+    cmd = [
         "qemu-system-x86_64",
         "-accel", "tcg",
         "-cpu", "max",
@@ -170,5 +175,5 @@ def qemu_command(image: GuestImage, socket_path: str, console_log: str, *,
         "-nographic",
         "-monitor", "none",
         "-serial", f"file:{console_log}",
-        "-no-reboot",
     ]
+    return cmd if reboot else cmd + ["-no-reboot"]

@@ -23,7 +23,7 @@ from tests.guest import image
 
 REPO = Path(__file__).resolve().parents[2]
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-BOOT_TIMEOUT = 600
+BOOT_TIMEOUT = 200  # ~10 s here; below pytest's 300 s so a hung guest still gets a report
 
 
 def backend_command(name: str, sock: Path, root: Path) -> list[str]:
@@ -63,7 +63,8 @@ class GuestRun:
                 f"\n--- console ---\n{self.console[-4000:]}")
 
 
-def run_guest(img: image.GuestImage, backend: str, workdir: Path, root: Path) -> GuestRun:
+def run_guest(img: image.GuestImage, backend: str, workdir: Path, root: Path,
+              reboot: bool = False) -> GuestRun:
     """Start the backend on a socket in workdir, boot the guest, wait for both to end."""
     sock = workdir / f"{backend}.sock"
     console_log = workdir / f"{backend}-console.log"
@@ -79,8 +80,14 @@ def run_guest(img: image.GuestImage, backend: str, workdir: Path, root: Path) ->
                                        f"(status {server.poll()}): {backend_log.read_text()}")
                 time.sleep(0.05)
             start = time.monotonic()
-            qemu = subprocess.run(image.qemu_command(img, str(sock), str(console_log)),
-                                  capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+            cmd = image.qemu_command(img, str(sock), str(console_log), reboot=reboot)
+            try:
+                qemu = subprocess.run(cmd, capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+                qemu_status, qemu_stderr = qemu.returncode, qemu.stderr
+            except subprocess.TimeoutExpired as exc:  # run() has killed QEMU
+                qemu_status = -1
+                qemu_stderr = f"QEMU killed after {BOOT_TIMEOUT} s (the guest hung)\n" + (
+                    exc.stderr.decode(errors="replace") if exc.stderr else "")
             seconds = time.monotonic() - start
             try:
                 status = server.wait(timeout=60)  # leaves with its frontend (--once)
@@ -95,7 +102,7 @@ def run_guest(img: image.GuestImage, backend: str, workdir: Path, root: Path) ->
                     server.kill()
                     server.wait()
     console = console_log.read_text(errors="replace") if console_log.exists() else ""
-    return GuestRun(console, qemu.returncode, qemu.stderr, status,
+    return GuestRun(console, qemu_status, qemu_stderr, status,
                     backend_log.read_text(errors="replace"), seconds)
 
 
