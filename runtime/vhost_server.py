@@ -150,7 +150,11 @@ class QueueRunner:
         if len(frame) < protocol.IN_HEADER_SIZE:
             log.warning("queue %d: request of %d bytes, shorter than a FUSE header", vq.index,
                         len(frame))
-            self._complete(chain.head, 0)
+            written = 0
+            if len(frame) >= 16:  # its unique is there: answer it with EINVAL
+                unique = _UNIQUE.unpack_from(frame, 8)[0]
+                written = chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0
+            self._complete(chain.head, written)
             return
         length, opcode = _LEN_OPCODE.unpack_from(frame, 0)
         if length < len(frame):

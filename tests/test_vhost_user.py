@@ -409,9 +409,14 @@ def test_readable_part_too_short_for_a_header(echo_server):
     fe = echo_server()
     fe.start()
     q = fe.queues[1]
-    head, _ = q.add_chain([b"\x01" * 20], [16])
+    # 20 bytes: the unique is readable, so the request is answered with EINVAL.
+    head, out = q.add_chain([struct.pack("<IIQI", 20, ECHO, 0x1234, 0)], [16])
+    assert q.wait_used() == [(head, 16)]
+    assert OUT_HEADER.unpack(fe.read(out[0][0], 16)) == (16, -errno.EINVAL, 0x1234)
+    # 10 bytes: not even a unique to answer; the buffers come back unwritten.
+    head, _ = q.add_chain([b"\x01" * 10], [16])
     assert q.wait_used() == [(head, 0)]
-    assert echo_server.dispatchers[-1].frames == []  # never reached the dispatcher
+    assert echo_server.dispatchers[-1].frames == []  # neither reached the dispatcher
     assert echo(q, b"ok") == b"ok"
 
 
