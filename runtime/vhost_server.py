@@ -1,9 +1,10 @@
 """`actorfs serve --socket PATH SRC`: the vhost-user-fs backend daemon.
 
-One unix socket, one frontend (the VMM) at a time. Each connection is one
+One unix socket, one frontend (the VMM) at a time. Each connection starts a
 FUSE session: its own Filesystem (actors, pool) and Dispatcher, torn down
-when the frontend goes away, so a rebooted or re-attached guest starts from
-a clean inode table. Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues
+when the frontend goes away, so a re-attached guest starts from a clean inode
+table; a guest that sends INIT again (reset or reboot while mounted) gets a
+fresh session too. Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues
 1..N carry requests; all of them feed the same Dispatcher, driven from the
 event loop by their kick eventfds.
 """
@@ -52,10 +53,13 @@ def bind_socket(path: str) -> socket.socket:
         if not stat.S_ISSOCK(st.st_mode):
             raise SocketInUse(f"{path} exists and is not a socket: remove it or pick another --socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)  # a live server with a full backlog makes connect() wait
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)  # nobody listens: a leftover from a crashed server
+        except TimeoutError:
+            raise SocketInUse(f"socket {path} is in use by a busy server: stop it or pick another --socket") from None
         else:
             raise SocketInUse(f"socket {path} is in use by a running server: stop it or pick another --socket")
         finally:
@@ -100,6 +104,7 @@ class QueueRunner:
         self.idle.set()
         self.inflight = 0
         self.notify_pending = False
+        self.bad_chains = 0
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -142,14 +147,12 @@ class QueueRunner:
     async def _dispatch(self, chain: Chain) -> None:
         vq = self.vq
         if chain.error is not None:
-            log.warning("queue %d: malformed descriptor chain %d: %s", vq.index, chain.head,
-                        chain.error)
+            self._hostile("malformed descriptor chain %d: %s", chain.head, chain.error)
             self._complete(chain.head, 0)
             return
         frame = chain.request()
         if len(frame) < protocol.IN_HEADER_SIZE:
-            log.warning("queue %d: request of %d bytes, shorter than a FUSE header", vq.index,
-                        len(frame))
+            self._hostile("request of %d bytes, shorter than a FUSE header", len(frame))
             written = 0
             if len(frame) >= 16:  # its unique is there: answer it with EINVAL
                 unique = _UNIQUE.unpack_from(frame, 8)[0]
@@ -193,6 +196,13 @@ class QueueRunner:
         except Exception:
             log.exception("queue %d: dispatch failed", vq.index)
             send(protocol.reply_error(unique, errno.EIO))
+
+    def _hostile(self, fmt: str, *args) -> None:
+        """Log bad guest input, but not every time: a guest must not flood the log."""
+        self.bad_chains += 1
+        if self.bad_chains <= 10 or self.bad_chains % 1000 == 0:
+            log.warning("queue %d: " + fmt + " (%d so far)", self.vq.index, *args,
+                        self.bad_chains)
 
     def _request_done(self) -> None:
         self.inflight -= 1
