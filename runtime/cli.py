@@ -1,0 +1,470 @@
+"""The `actorfs` command: mount a directory, serve it to a VM, or run the demo.
+
+    actorfs mount SRC MNT [-f] [--cache auto] ...   FUSE mount on the host
+    actorfs serve --socket PATH SRC ...             virtio-fs over vhost-user
+    actorfs demo                                    mount a sample tree, use it, unmount
+
+Every user error is one line, `actorfs: error: ...`, naming the thing and the
+fix, with exit status 2 (as argparse does); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+
+from runtime import fuse_mount
+from runtime.filesystem import CACHE_MODES, SYMLINK_POLICIES, ConfigError, FsConfig, check_root
+from runtime.fuse_mount import MountError
+
+PROG = "actorfs"
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; str() is the one line to print."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def fail(message: str, status: int = USER_ERROR) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+# -- argument parsing -----------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return v
+
+
+def _queues(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: use 1 to 64")
+    return v
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '4096' -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use e.g. 4096, 64M or 1G")
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2).lower() or " "))
+
+
+def _add_fs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--symlinks", choices=SYMLINK_POLICIES, default="opaque",
+                   help="how symlinks are served: opaque (as links), follow (inside the root), deny")  # fmt: skip
+    p.add_argument("--cache", choices=CACHE_MODES, default="auto",
+                   help="client caching: never (direct I/O), auto (1 s), always (host changes watched)")  # fmt: skip
+    p.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
+    p.add_argument("--stats-interval", type=_positive_float, metavar="N",
+                   help="print request statistics to stderr every N seconds")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="A passthrough FUSE / virtio-fs filesystem server.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    m = sub.add_parser("mount", help="mount SRC on MNT through /dev/fuse",
+                       description="Serve the directory SRC on the mountpoint MNT.")  # fmt: skip
+    m.add_argument("src", metavar="SRC", help="the directory to serve")
+    m.add_argument("mnt", metavar="MNT", help="an existing empty directory to mount on")
+    _add_fs_options(m)
+    m.add_argument("--writeback", action="store_true", help="let the kernel cache writes")
+    m.add_argument("--passthrough", action="store_true",
+                   help="let the kernel read and write opened files directly (root, kernel 6.9+)")  # fmt: skip
+    m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    m.add_argument("--queues", type=_queues, metavar="N",
+                   help="/dev/fuse queues (cloned fds) to read from (default 1)")  # fmt: skip
+
+    s = sub.add_parser("serve", help="serve SRC to a VM over a vhost-user socket (virtio-fs)",
+                       description="Serve the directory SRC to a virtio-fs frontend.")  # fmt: skip
+    s.add_argument("src", metavar="SRC", help="the directory to serve")
+    s.add_argument(
+        "--socket", required=True, metavar="PATH", help="the vhost-user socket to create"
+    )
+    s.add_argument("--once", action="store_true", help="exit after the first frontend disconnects")
+    s.add_argument("--dax-window", metavar="NAME", help="POSIX shm object name of the DAX window")
+    s.add_argument("--dax-size", type=parse_size, default=0, metavar="SIZE",
+                   help="DAX window size, e.g. 1G (0: no DAX)")  # fmt: skip
+    _add_fs_options(s)
+
+    d = sub.add_parser("demo", help="mount a sample tree, work in it with real programs, unmount",
+                       description="A self-contained tour: needs root or fusermount3.")  # fmt: skip
+    d.add_argument("--hold", action="store_true", help="stay mounted until Ctrl-C")
+    d.add_argument("--keep", action="store_true", help="keep the demo directories afterwards")
+    return parser
+
+
+def make_config(args: argparse.Namespace, root: str) -> FsConfig:
+    return FsConfig(
+        root=root,
+        symlinks=args.symlinks,
+        cache=args.cache,
+        writeback=getattr(args, "writeback", False),
+        passthrough=getattr(args, "passthrough", False),
+        read_only=args.read_only,
+    )
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="actorfs: %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_loop(coro):
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    if hasattr(uvloop, "run"):
+        return uvloop.run(coro)
+    uvloop.install()
+    return asyncio.run(coro)
+
+
+# -- stats ----------------------------------------------------------------------------
+
+
+def format_stats(stats: dict) -> str:
+    """A short human summary of MountedServer.stats() / Dispatcher.stats()."""
+    req = stats.get("requests", stats)
+    lines = [
+        f"actorfs stats: {stats.get('mountpoint', '')} up {stats.get('uptime_s', 0):.0f}s, "
+        f"{req.get('total', 0)} requests, {req.get('errors', 0)} errors, "
+        f"{req.get('in_flight', 0)} in flight"
+    ]
+    ops = sorted(req.get("ops", {}).items(), key=lambda kv: -kv[1]["count"])
+    for name, o in ops[:12]:
+        lines.append(
+            f"  {name:<16} {o['count']:>9} req {o['errors']:>7} err  "
+            f"p50 {o['p50_us']:>7}us  p99 {o['p99_us']:>8}us"
+        )
+    t = stats.get("transport")
+    if t:
+        lines.append(
+            f"  /dev/fuse: {t['queues']} queue(s), {t['frames']} frames, "
+            f"{t['replies_dropped']} interrupted replies, notifications "
+            f"{t['notify_delivered']} sent / {t['notify_undelivered']} not delivered"
+        )
+    return "\n".join(lines)
+
+
+def _print_stats(server) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(format_stats(server.stats()), file=sys.stderr, flush=True)
+
+
+# -- mount ----------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    setup_logging(args.debug)
+    # Everything the user can get wrong is checked here, before any fork.
+    src = fuse_mount.check_source(args.src)
+    fuse_mount.check_device()
+    mnt, _ = fuse_mount.check_mountpoint(args.mnt)
+    if os.geteuid() != 0 and fuse_mount.fusermount_path() is None:
+        raise MountError(
+            "not running as root and fusermount3 is not installed: install fuse3 (apt-get install fuse3)"
+        )
+    config = make_config(args, src)
+    if args.foreground:
+        return run_loop(_serve_mount(args, config, mnt, on_ready=_foreground_ready))
+    return _daemonize(lambda on_ready: run_loop(_serve_mount(args, config, mnt, on_ready)))
+
+
+def _unmount_hint(mnt: str) -> str:
+    return f"umount {mnt}" if os.geteuid() == 0 else f"fusermount3 -u {mnt}"
+
+
+def _announce_foreground(server) -> None:
+    print(
+        f"{PROG}: serving {server.config.root} on {server.mountpoint} "
+        f"(Ctrl-C or `{_unmount_hint(server.mountpoint)}` to unmount)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
+    from runtime.server import MountedServer, ServerFailed
+
+    server = MountedServer(config, mnt, allow_other=args.allow_other, queues=args.queues)
+    try:
+        await server.start()
+    except MountError as exc:
+        return on_ready(None, str(exc)) or USER_ERROR
+    except ServerFailed as exc:
+        return on_ready(None, str(exc), 1) or 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _print_stats, server)
+    ticker = None
+    if args.stats_interval:
+        ticker = asyncio.create_task(_stats_every(server, args.stats_interval))
+    on_ready(server)
+    waiter = asyncio.create_task(server.wait())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if ticker is not None:
+            ticker.cancel()
+        await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+    if server.failure is not None:
+        print(f"{PROG}: server failed: {server.reason}: {server.failure}", file=sys.stderr)
+        with contextlib.suppress(BaseException):
+            await waiter
+        return 1
+    with contextlib.suppress(BaseException):
+        await waiter
+    return 0
+
+
+async def _stats_every(server, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        _print_stats(server)
+
+
+def _daemonize(serve) -> int:
+    """Fork; the parent exits 0 only once the child's mount is ready.
+
+    The child reports on a pipe: "ok" when ready, or "<status> <message>".
+    Then it leaves the terminal: new session, / as cwd, stdio on /dev/null.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace").strip()
+        if msg.startswith("ok "):
+            where = msg[3:]
+            print(
+                f"{PROG}: mounted on {where} (server pid {pid}); unmount with `{_unmount_hint(where)}`"
+            )
+            return 0
+        if msg:
+            status, _, text = msg.partition(" ")
+            print(text, file=sys.stderr)
+            return int(status) if status.isdigit() else 1
+        # The child died before saying anything.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        return fail("the server exited before the mount was ready (run with -f to see why)", 1)
+    # child
+    os.close(r)
+    os.setsid()
+    os.chdir("/")
+    report = os.fdopen(w, "w")
+
+    def on_ready(server, error: str | None = None, status: int = USER_ERROR):
+        if server is None:
+            report.write(f"{status} {PROG}: error: {error}\n")
+            report.close()
+            return status
+        report.write(f"ok {server.mountpoint}\n")
+        report.close()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        return None
+
+    status = USER_ERROR
+    try:
+        status = serve(on_ready)
+    except BaseException:
+        status = 1
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            report.close()
+        os._exit(status or 0)
+
+
+def _foreground_ready(server, error: str | None = None, status: int = USER_ERROR):
+    if server is None:
+        fail(error, status)
+        return status
+    _announce_foreground(server)
+    return None
+
+
+# -- serve (virtio-fs) ----------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.debug)
+    try:
+        from runtime.vhost_server import serve_vhost_user
+    except ImportError as exc:
+        return fail(f"serve is unavailable in this build ({exc}): use actorfs mount instead")
+    config = make_config(args, check_root(args.src))
+    if args.dax_size and args.dax_window is None:
+        args.dax_window = f"/actorfs-dax-{os.getpid()}"
+
+    async def main() -> int:
+        task = asyncio.create_task(
+            serve_vhost_user(
+                config,
+                args.socket,
+                once=args.once,
+                dax_name=args.dax_window,
+                dax_size=args.dax_size,
+                stats_interval=args.stats_interval or 0,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return 0
+
+    return run_loop(main()) or 0
+
+
+# -- demo -----------------------------------------------------------------------------
+
+_DEMO_TREE = {
+    "README.txt": "This tree lives in the source directory; you are reading it through FUSE.\n",
+    "notes/todo.txt": "- mount\n- use\n- unmount\n",
+    "notes/ideas.md": "# ideas\nactors own state; the loop never blocks\n",
+    "data/numbers.csv": "".join(f"{i},{i * i}\n" for i in range(100)),
+}
+
+_DEMO_SCRIPT = r"""
+set -e
+cd "$MNT"
+echo '$ ls -lR'; ls -lR | head -30
+echo '$ cat README.txt'; cat README.txt
+echo '$ echo hello > made-through-fuse.txt && mkdir -p new/dir && mv notes/todo.txt new/dir/'
+echo hello > made-through-fuse.txt; mkdir -p new/dir; mv notes/todo.txt new/dir/
+echo '$ ln made-through-fuse.txt hardlink.txt && ln -s README.txt link-to-readme'
+ln made-through-fuse.txt hardlink.txt; ln -s README.txt link-to-readme
+echo '$ tar c data | tar x -C new/'; tar cf - data | tar xf - -C new/
+echo '$ sha256sum data/numbers.csv new/data/numbers.csv'; sha256sum data/numbers.csv new/data/numbers.csv
+echo '$ df -h .'; df -h . | tail -1
+"""
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(False)
+    base = tempfile.mkdtemp(prefix="actorfs-demo-")
+    src, mnt = os.path.join(base, "src"), os.path.join(base, "mnt")
+    os.makedirs(mnt)
+    for rel, text in _DEMO_TREE.items():
+        path = os.path.join(src, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    try:
+        return run_loop(_demo(src, mnt, hold=args.hold))
+    finally:
+        if args.keep:
+            print(f"{PROG}: demo directories kept in {base}")
+        elif not fuse_mount.is_mountpoint(mnt):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def _demo(src: str, mnt: str, *, hold: bool) -> int:
+    from runtime.server import mount
+
+    print(f"{PROG} demo: serving {src} on {mnt}", flush=True)
+    try:
+        server = await mount(FsConfig(root=src), mnt)
+    except MountError as exc:
+        return fail(str(exc))
+    async with server:
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", _DEMO_SCRIPT, env=dict(os.environ, MNT=mnt, LC_ALL="C")
+        )
+        status = await proc.wait()
+        host_ok = (
+            os.path.isfile(os.path.join(src, "new/dir/todo.txt"))
+            and os.path.samefile(
+                os.path.join(src, "made-through-fuse.txt"), os.path.join(src, "hardlink.txt")
+            )
+            and os.readlink(os.path.join(src, "link-to-readme")) == "README.txt"
+        )
+        print(
+            f"\n{PROG} demo: the changes are in the source directory: {'yes' if host_ok else 'NO'}"
+        )
+        print(format_stats(server.stats()))
+        if hold:
+            print(f"{PROG} demo: mounted on {mnt}; Ctrl-C to unmount", flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            waiter = asyncio.create_task(server.wait())
+            await asyncio.wait(
+                {waiter, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
+    print(f"{PROG} demo: unmounted", flush=True)
+    return 0 if status == 0 and host_ok else 1
+
+
+# -- entry point ----------------------------------------------------------------------
+
+COMMANDS = {"mount": cmd_mount, "serve": cmd_serve, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return USER_ERROR
+        return COMMANDS[args.command](args)
+    except (UserError, MountError, ConfigError) as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
