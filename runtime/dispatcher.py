@@ -65,16 +65,18 @@ BASE_INIT_FLAGS = (
     | P.FUSE_MAX_PAGES
 )
 
-# Ops an INTERRUPT may abandon midway: reads, writes, syncs and queries. Ops
-# that create kernel-visible state (an entry with a lookup count, an open fh)
-# or change the namespace run to the end and reply normally, as FUSE allows,
-# so an interrupt never leaks a lookup or leaves the kernel's view stale.
+# Ops an INTERRUPT may abandon midway, replying EINTR. A pool job runs to its
+# end even when its request is abandoned, so EINTR must be true whether or
+# not the job has run: only ops without side effects (queries, reads) and
+# retry-safe syncs qualify. WRITE, FALLOCATE, COPY_FILE_RANGE, ops that create
+# kernel-visible state (an entry with a lookup count, an open fh) or change the
+# namespace run to the end and reply what happened, as FUSE allows: a client
+# told EINTR for a write that landed would write it twice (O_APPEND).
 INTERRUPTIBLE = frozenset(
     {
         P.FUSE_GETATTR,
         P.FUSE_READLINK,
         P.FUSE_READ,
-        P.FUSE_WRITE,
         P.FUSE_STATFS,
         P.FUSE_FSYNC,
         P.FUSE_GETXATTR,
@@ -83,9 +85,7 @@ INTERRUPTIBLE = frozenset(
         P.FUSE_READDIR,
         P.FUSE_FSYNCDIR,
         P.FUSE_ACCESS,
-        P.FUSE_FALLOCATE,
         P.FUSE_LSEEK,
-        P.FUSE_COPY_FILE_RANGE,
     }
 )
 

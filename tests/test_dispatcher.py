@@ -1033,3 +1033,24 @@ def test_stats_buckets_and_percentiles():
     assert r["p99_us"] == 1024
     assert r["histogram_us"] == {4: 98, 1024: 1, 1 << (NBUCKETS - 1): 1}
     assert snap["total"] == 100 and snap["errors"] == 2
+
+
+async def test_interrupt_never_lies_about_a_write(tmp_path):
+    gate, started = asyncio.Event(), asyncio.Event()
+    ops = slow_ops(gate, started)
+
+    async def write(fs, ctx, nodeid, fh, offset, data, write_flags=0):
+        started.set()
+        await gate.wait()  # the host write happens whatever the client does
+        return len(data)
+
+    ops.write = write
+    async with running(tmp_path) as fs:
+        w = Wire(Dispatcher(fs, ops=ops))
+        await w.init()
+        target = await w.submit(P.Write(h=H(2), fh=1, size=3, data=memoryview(b"abc")))
+        await started.wait()
+        await w.submit(P.Interrupt(h=P.InHeader(unique=target | 1), unique=target))
+        gate.set()
+        await w.d.drain()
+        assert await _one_reply(w, target) == 0  # the write landed: say so
