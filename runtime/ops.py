@@ -58,7 +58,11 @@ from runtime.errno_map import FsError
 from runtime.filesystem import Filesystem
 
 NAME_MAX = 255
-MAX_IO = 32 << 20  # bigger READs than this are clamped (the kernel asks <= max_read)
+MAX_IO = 32 << 20  # copy_file_range chunk (no buffer here: the kernel copies)
+# A READ reply is a buffer we allocate: no bigger than INIT's max_pages pages
+# (dispatcher.MAX_WRITE), which bounds every READ a kernel sends; a hostile
+# client asking for 4 GiB gets this much, not 32 MiB per request in flight.
+MAX_READ = 1 << 20
 NO_FH = 2**64 - 1
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -595,7 +599,7 @@ async def create(
 
 async def read(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int) -> bytes:
     fd = await fs.handles.dup_fd(fh, want_dir=False)
-    return await _pool(fs, (fd,), os.pread, fd, min(size, MAX_IO), offset)
+    return await _pool(fs, (fd,), os.pread, fd, min(size, MAX_READ), offset)
 
 
 async def write(
