@@ -1,0 +1,258 @@
+"""Figures -> docs/BENCHMARKS.md: medians, ratios to native, server latency, targets.
+
+Pure functions over the results run.py collects, so the smoke test can check
+the table's shape without timing anything.
+
+results: list of runs, each {"target": name, "repeat": i, "workload": w,
+"figures": {phase: value}, "server": {op: {"count", "histogram_us"}} or None}.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from workloads import UNITS
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing the workloads run against."""
+
+    name: str  # e.g. "actorfs auto / tmpfs"
+    backing: str  # "tmpfs" or "disk"
+    cache: str | None  # None: the plain directory (native)
+    writeback: bool = False
+    passthrough: bool = False
+
+    @property
+    def native(self) -> bool:
+        return self.cache is None
+
+    def cli_args(self) -> list[str]:
+        args = ["--cache", self.cache or "auto"]
+        if self.writeback:
+            args.append("--writeback")
+        if self.passthrough:
+            args.append("--passthrough")
+        return args
+
+
+# The issue's targets: (label, workload, phase, target name, kind, threshold).
+# kind "ratio": figure / native tmpfs >= threshold; "times": time <= threshold x native.
+GOALS = [
+    ("create >= 3%", "metadata", "create", "actorfs auto / tmpfs", "ratio", 0.03),
+    ("rename >= 5%", "metadata", "rename", "actorfs auto / tmpfs", "ratio", 0.05),
+    ("unlink >= 7%", "metadata", "unlink", "actorfs auto / tmpfs", "ratio", 0.07),
+    ("stat >= 50%", "metadata", "stat", "actorfs auto / tmpfs", "ratio", 0.50),
+    ("parallel metadata >= 25%", "parallel", "all", "actorfs auto / tmpfs", "ratio", 0.25),
+    ("sequential 1 MiB write >= 60%", "seq_write", "write", "actorfs auto / tmpfs", "ratio", 0.60),
+    ("cold sequential 1 MiB read >= 30%", "seq_read", "cold read", "actorfs auto / tmpfs",
+     "ratio", 0.30),
+    ("cold sequential read >= 90% with --passthrough", "seq_read", "cold read",
+     "actorfs passthrough / tmpfs", "ratio", 0.90),
+    ("small-file tar extract within 6x", "small_files", "extract", "actorfs auto / tmpfs",
+     "times", 6.0),
+    ("small-file read back within 6x", "small_files", "read back", "actorfs auto / tmpfs",
+     "times", 6.0),
+]  # fmt: skip
+
+
+def medians(results: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """(target, workload) -> {phase: median over repeats}."""
+    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in results:
+        phases = acc.setdefault((r["target"], r["workload"]), {})
+        for phase, v in r["figures"].items():
+            phases.setdefault(phase, []).append(v)
+    return {k: {p: statistics.median(vs) for p, vs in ph.items()} for k, ph in acc.items()}
+
+
+def merged_server_stats(results: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """(target, workload) -> {op: {"count": per run, "p50_us", "p99_us"}} over all repeats."""
+    acc: dict[tuple[str, str], dict[str, dict[int, int]]] = {}
+    runs: dict[tuple[str, str], int] = {}
+    for r in results:
+        if not r.get("server"):
+            continue
+        key = (r["target"], r["workload"])
+        runs[key] = runs.get(key, 0) + 1
+        ops = acc.setdefault(key, {})
+        for op, s in r["server"].items():
+            h = ops.setdefault(op, {})
+            for bound, n in s["histogram_us"].items():
+                h[int(bound)] = h.get(int(bound), 0) + n
+    out = {}
+    for key, ops in acc.items():
+        out[key] = {}
+        for op, h in ops.items():
+            count = sum(h.values())
+            if count:
+                out[key][op] = {
+                    "count": count // runs[key],
+                    "p50_us": percentile(h, 0.5),
+                    "p99_us": percentile(h, 0.99),
+                }
+    return out
+
+
+def percentile(hist: dict[int, int], q: float) -> int:
+    """Upper bound (us) of the log2 bucket holding the q-quantile."""
+    total = sum(hist.values())
+    rank, seen = q * total, 0
+    for bound in sorted(hist):
+        seen += hist[bound]
+        if seen >= rank:
+            return bound
+    return max(hist) if hist else 0
+
+
+def diff_stats(before: dict | None, after: dict) -> dict:
+    """Per-op histogram of what happened between two dispatcher stats() snapshots."""
+    out = {}
+    prev = (before or {}).get("ops", {})
+    for op, s in after.get("ops", {}).items():
+        old = prev.get(op, {}).get("histogram_us", {})
+        hist = {}
+        for bound, n in s.get("histogram_us", {}).items():
+            d = n - old.get(bound, old.get(str(bound), 0))
+            if d > 0:
+                hist[str(bound)] = d
+        if hist:
+            out[op] = {"count": sum(hist.values()), "histogram_us": hist}
+    return out
+
+
+def _fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        return f"{v:.3f} s" if v < 10 else f"{v:.1f} s"
+    if v >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}"
+
+
+def native_of(t: Target, targets: list[Target]) -> Target | None:
+    return next((n for n in targets if n.native and n.backing == t.backing), None)
+
+
+def workload_table(workload: str, targets: list[Target], med: dict) -> list[str]:
+    unit, higher = UNITS[workload]
+    phases: list[str] = []
+    for t in targets:
+        for p in med.get((t.name, workload), {}):
+            if p not in phases:
+                phases.append(p)
+    if not phases:
+        return []
+    better = "higher is better" if higher else "lower is better"
+    lines = [
+        f"### {workload} ({unit}, {better}; in brackets: the ratio to native on the same backing)",
+        "",
+        "| target | " + " | ".join(phases) + " |",
+        "|---|" + "---|" * len(phases),
+    ]
+    for t in targets:
+        figs = med.get((t.name, workload))
+        if figs is None:
+            continue
+        nat = native_of(t, targets)
+        nfigs = med.get((nat.name, workload), {}) if nat else {}
+        cells = []
+        for p in phases:
+            v = figs.get(p)
+            if v is None:
+                cells.append("–")
+                continue
+            cell = _fmt(v, unit)
+            n = nfigs.get(p)
+            if not t.native and n:
+                cell += f" ({v / n:.1%})" if higher else f" ({v / n:.1f}x)"
+            cells.append(cell)
+        lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def latency_table(workload: str, targets: list[Target], srv: dict) -> list[str]:
+    rows = []
+    for t in targets:
+        ops = srv.get((t.name, workload))
+        if not ops:
+            continue
+        top = sorted(ops.items(), key=lambda kv: -kv[1]["count"])[:8]
+        cell = " · ".join(f"{op} {s['count']}× {s['p50_us']}/{s['p99_us']}" for op, s in top)
+        rows.append(f"| {t.name} | {cell} |")
+    if not rows:
+        return []
+    return [
+        f"Server latency for {workload} (op, requests per run, p50/p99 in µs, upper bounds "
+        "of log2 buckets):",
+        "",
+        "| target | ops |",
+        "|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def goals(med: dict, targets: list[Target]) -> list[tuple[str, float | None, bool | None]]:
+    """(label, achieved value (ratio or time multiple), met?) for each issue target."""
+    names = {t.name for t in targets}
+    out = []
+    for label, workload, phase, tname, kind, threshold in GOALS:
+        native = med.get(("native / tmpfs", workload), {}).get(phase)
+        ours = med.get((tname, workload), {}).get(phase)
+        if tname not in names or native is None or ours is None or not native:
+            out.append((label, None, None))
+            continue
+        v = ours / native
+        out.append((label, v, v >= threshold if kind == "ratio" else v <= threshold))
+    return out
+
+
+def goals_table(med: dict, targets: list[Target]) -> list[str]:
+    lines = ["| target (issue 7) | achieved | met |", "|---|---|---|"]
+    for label, v, met in goals(med, targets):
+        if v is None:
+            lines.append(f"| {label} | not measured | – |")
+            continue
+        shown = f"{v:.1f}x native time" if "within" in label else f"{v:.1%} of native"
+        lines.append(f"| {label} | {shown} | {'yes' if met else 'no'} |")
+    return lines + [""]
+
+
+WORKLOAD_ORDER = list(UNITS)
+
+
+def render(meta: dict, targets: list[Target], results: list[dict], notes: list[str]) -> str:
+    med = medians(results)
+    srv = merged_server_stats(results)
+    out = [
+        "# actorfs benchmarks",
+        "",
+        "Written by `python3 bench/run.py` (do not edit by hand; notes below the tables "
+        "come from bench/notes.md).",
+        "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}",
+        f"- kernel: {meta['kernel']}",
+        f"- python: {meta['python']}",
+        f"- mode: {meta['mode']}; {meta['repeat']} repeats, medians reported",
+        f"- sizes: {meta['sizes']}",
+        "",
+        "Targets: `native` is the plain backing directory; `actorfs MODE` is a FUSE mount "
+        "of it through actorfs (`--cache MODE`, `writeback` = `--cache auto --writeback`, "
+        "`passthrough` = `--cache auto --passthrough`). Backing `tmpfs` measures the "
+        "server's cost; `disk` adds the disk's.",
+        "",
+        "## Issue targets (actorfs over tmpfs vs native tmpfs, same run)",
+        "",
+        *goals_table(med, targets),
+        "## Results",
+        "",
+    ]
+    for w in WORKLOAD_ORDER:
+        out += workload_table(w, targets, med)
+        out += latency_table(w, targets, srv)
+    if notes:
+        out += ["## Notes", "", *notes, ""]
+    return "\n".join(out)

@@ -1,0 +1,206 @@
+"""The benchmark: `python3 bench/run.py [--quick] [--repeat N] [--no-guest]`.
+
+Runs every workload (bench/workloads.py) against the plain backing directory
+and against actorfs mounts of it in each cache mode, on a fresh tmpfs (the
+server's cost) and on the disk, repeats, and writes docs/BENCHMARKS.md with
+medians, ratios to native and the server's own p50/p99 per op. The virtio-fs
+half (bench/guest.py) runs a guest against actorfs and against virtiofsd.
+
+Needs root (mount, drop_caches). Each workload group gets a fresh mount and a
+fresh backing directory, so one workload's caches do not help the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402
+import workloads  # noqa: E402
+from report import Target  # noqa: E402
+from server import ActorfsServer  # noqa: E402
+
+WORK = Path(os.environ.get("ACTORFS_BENCH_DIR", "/var/tmp/actorfs-bench"))
+
+FULL = {"files": 3000, "procs": 4, "mib": 512, "seconds": 5, "tar_files": 4000}
+QUICK = {"files": 200, "procs": 4, "mib": 16, "seconds": 1, "tar_files": 200}
+
+# Workloads that share a mount and a directory, in order (the reads need the
+# file seq_write made).
+GROUPS = [["metadata"], ["parallel"], ["seq_write", "seq_read", "rand_read"],
+          ["small_files"], ["stat_heavy"]]  # fmt: skip
+
+TAR_SOURCES = ["/usr/lib/python3.11", "/usr/lib/python3/dist-packages"]
+
+
+def all_targets(quick: bool) -> list[Target]:
+    ts = [
+        Target("native / tmpfs", "tmpfs", None),
+        Target("actorfs never / tmpfs", "tmpfs", "never"),
+        Target("actorfs auto / tmpfs", "tmpfs", "auto"),
+        Target("actorfs always / tmpfs", "tmpfs", "always"),
+        Target("actorfs writeback / tmpfs", "tmpfs", "auto", writeback=True),
+        Target("actorfs passthrough / tmpfs", "tmpfs", "auto", passthrough=True),
+        Target("native / disk", "disk", None),
+        Target("actorfs auto / disk", "disk", "auto"),
+        Target("actorfs passthrough / disk", "disk", "auto", passthrough=True),
+    ]
+    if quick:  # the smoke run: one of each kind
+        keep = {"native / tmpfs", "actorfs auto / tmpfs"}
+        ts = [t for t in ts if t.name in keep]
+    return ts
+
+
+def run_workload(name: str, directory: Path, params: dict) -> dict:
+    p = subprocess.run(
+        [sys.executable, str(HERE / "workloads.py"), name, str(directory), json.dumps(params)],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"workload {name} on {directory} failed: {p.stderr.strip()[-1500:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def fresh_tmpfs(path: Path):
+    """A tmpfs of our own, so nothing else on /dev/shm disturbs the figures."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8g,mode=755", "actorfs-bench", str(path)],
+                   check=True)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params: dict,
+              log) -> list[dict]:  # fmt: skip
+    """One workload group on a fresh directory (and a fresh mount): result rows."""
+    src = backing / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir()
+    rows = []
+    if target.native:
+        for w in group:
+            rows.append({"workload": w, "figures": run_workload(w, src, params), "server": None})
+        shutil.rmtree(src)
+        return rows
+    mnt.mkdir(parents=True, exist_ok=True)
+    with ActorfsServer(src, mnt, target.cli_args(), log=log) as srv:
+        before = srv.stats()
+        for w in group:
+            figures = run_workload(w, mnt, params)
+            after = srv.stats()
+            rows.append({"workload": w, "figures": figures,
+                         "server": report.diff_stats(before, after)})  # fmt: skip
+            before = after
+    shutil.rmtree(src)
+    return rows
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({model}), {mem:.0f} GiB RAM, disk: {_root_fs()}"
+
+
+def _root_fs() -> str:
+    p = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", str(WORK)],
+                       capture_output=True, text=True)  # fmt: skip
+    return p.stdout.strip() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, two targets (smoke run)")
+    ap.add_argument("--repeat", type=int, default=None, help="runs per target (default 3; 1 quick)")
+    ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--targets", default=None, help="comma-separated substrings of target names")
+    ap.add_argument("--workloads", default=None, help="comma-separated workload names")
+    ap.add_argument("--no-guest", action="store_true", help="skip the virtio-fs half")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (mount, drop_caches): run it with sudo", file=sys.stderr)
+        return 2
+    repeat = args.repeat or (1 if args.quick else 3)
+    params = dict(QUICK if args.quick else FULL)
+    targets = all_targets(args.quick)
+    if args.targets:
+        want = args.targets.split(",")
+        targets = [t for t in targets if t.native or any(s in t.name for s in want)]
+    groups = GROUPS
+    if args.workloads:
+        want_w = set(args.workloads.split(","))
+        groups = [[w for w in g if w in want_w or g[0] in want_w] for g in GROUPS]
+        groups = [g for g in groups if g]
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    tar = WORK / f"pylib-{params['tar_files']}.tar"
+    if not tar.exists():
+        workloads.make_tar(str(tar), TAR_SOURCES, params["tar_files"])
+    params["tar"] = str(tar)
+    log_path = WORK / "server.log"
+    results: list[dict] = []
+    started = time.monotonic()
+    with open(log_path, "w") as log, fresh_tmpfs(WORK / "tmpfs") as tmpfs:
+        disk = WORK / "disk"
+        disk.mkdir(exist_ok=True)
+        for r in range(repeat):
+            for t in targets:
+                backing = tmpfs if t.backing == "tmpfs" else disk
+                for g in groups:
+                    print(f"[{time.monotonic() - started:7.1f}s] run {r + 1}/{repeat} "
+                          f"{t.name}: {', '.join(g)}", flush=True)  # fmt: skip
+                    for row in run_group(t, g, backing, WORK / "mnt", params, log):
+                        results.append({"target": t.name, "repeat": r, **row})
+    notes: list[str] = []
+    if not args.no_guest and not args.quick:
+        import guest
+
+        g_targets, g_results, g_notes = guest.run(WORK, repeat, log)
+        targets = targets + g_targets
+        results += g_results
+        notes += g_notes
+    notes_file = HERE / "notes.md"
+    if notes_file.exists():
+        notes.append(notes_file.read_text().strip())
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mode": "quick" if args.quick else "full",
+        "repeat": repeat,
+        "sizes": ", ".join(f"{k}={v}" for k, v in params.items() if k != "tar"),
+    }
+    text = report.render(meta, targets, results, notes)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {args.out} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
