@@ -324,7 +324,15 @@ class Dispatcher:
             protocol_errors=self.protocol_errors,
             interrupts=self.interrupts,
             send_errors=self.send_errors,
-        )
+            init=None if self.init is None else {
+                "minor": self.init.minor,
+                "kernel_minor": self.init.kernel_minor,
+                "flags": self.init.flags,
+                "passthrough": self.init.passthrough,
+                "writeback": self.init.writeback,
+                "max_write": self.init.max_write,
+            },
+        )  # fmt: skip
         return snap
 
     # -- running one request -----------------------------------------------------

@@ -443,6 +443,7 @@ async def test_stats(tmp_path):
         assert 0 < lk["p50_us"] <= lk["p99_us"]
         assert sum(lk["histogram_us"].values()) == 4
         assert s["in_flight"] == 0 and s["total"] >= 5
+        assert s["init"]["minor"] == 38 and s["init"]["passthrough"] is False
 
 
 # -- concurrency: INTERRUPT and backpressure -----------------------------------------------
