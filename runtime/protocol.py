@@ -447,7 +447,8 @@ def _tail_fields(tail: str) -> list[tuple[str, type]]:
 
 
 class Request:
-    """Base of every request message: the fuse_in_header fields a handler needs."""
+    """Base of every request message: `h` is its fuse_in_header, `opcode` its class's
+    opcode, then the op's struct fields and trailing names/data by fuse.h name."""
 
     __slots__ = ()
     opcode: int = 0
