@@ -593,7 +593,12 @@ async def create(
             os.close(wfd)
         raise
     _watch(fs, nodeid, wfd, False)
-    opened = await _opened(fs, fd, nodeid)
+    try:
+        opened = await _opened(fs, fd, nodeid)
+    except BaseException:
+        # The client never sees this entry: give its lookup back (EMFILE at the handle cap).
+        await forget(fs, nodeid, 1)
+        raise
     return _entry(fs, nodeid, st), opened
 
 
