@@ -1,0 +1,56 @@
+"""Process limits for a server that holds one fd per live inode and per open handle.
+
+`raise_nofile_limit()` lifts RLIMIT_NOFILE's soft limit to the hard limit at
+start (the usual soft limit, 1024, is far below what a busy client needs).
+`fd_caps()` splits what is allowed between the inode table (O_PATH fds) and
+the handle table, leaving a reserve for transient dups (each request in flight
+holds up to two), the transport, the watcher and the pool, so that a client
+that looks up everything gets EMFILE from the caps while the server itself can
+still open what it needs to answer, instead of failing everywhere at once.
+"""
+
+from __future__ import annotations
+
+import resource
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Set the soft RLIMIT_NOFILE to the hard limit; returns (old soft, new soft).
+
+    RLIM_INFINITY as a hard limit is not a number the kernel accepts for a
+    soft limit on fds (nr_open is the real ceiling): we then keep the soft
+    limit as it is.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
+def nofile_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def fd_caps(nofile: int | None = None, max_in_flight: int = 256) -> tuple[int, int]:
+    """(max_inodes, max_handles) that fit in `nofile` fds with a reserve kept free.
+
+    The reserve covers two dups per request in flight plus a fixed 64 for the
+    transport, the watcher, the pool and the interpreter; it never takes more
+    than half the limit. The rest is split 3:1 between inodes and handles.
+    """
+    n = nofile_limit() if nofile is None else nofile
+    reserve = min(2 * max_in_flight + 64, n // 2)
+    budget = max(n - reserve, 2)
+    inodes = max(budget * 3 // 4, 1)
+    return inodes, max(budget - inodes, 1)
+
+
+def apply_fd_caps(config, max_in_flight: int = 256) -> None:
+    """Lower config.max_inodes / max_handles to what RLIMIT_NOFILE allows (never raise them)."""
+    inodes, handles = fd_caps(None, max_in_flight)
+    config.max_inodes = min(config.max_inodes, inodes)
+    config.max_handles = min(config.max_handles, handles)
