@@ -262,6 +262,10 @@ class Dispatcher:
             # may remount the same device).
             self.init = None
             self._setxattr_ext = False
+            try:
+                await self.fs.reset_session()
+            except Exception:  # a stopping server: nothing left to reset
+                log.debug("reset after DESTROY failed", exc_info=True)
             self.destroyed.set()
             self._stats.record(opcode, perf_counter_ns() - t0, False)
             await self._send(send, P.reply_empty(unique))
@@ -425,6 +429,9 @@ class Dispatcher:
         want = BASE_INIT_FLAGS
         if getattr(config, "writeback", False):
             want |= P.FUSE_WRITEBACK_CACHE
+        if getattr(config, "cache", None) == "never":
+            # Files are opened FOPEN_DIRECT_IO: still allow shared mmap (sqlite WAL).
+            want |= P.FUSE_DIRECT_IO_ALLOW_MMAP
         if self.transport == "fuse" and getattr(config, "passthrough", False):
             want |= P.FUSE_PASSTHROUGH
         if self.transport == "virtiofs" and getattr(self.fs, "dax", None) is not None:
