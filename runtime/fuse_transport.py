@@ -52,15 +52,28 @@ class BackingFiles:
     the id in the open reply with FOPEN_PASSTHROUGH; `close(backing_id)` on
     release. Both raise OSError on failure (the op then falls back to normal
     I/O): EPERM without CAP_SYS_ADMIN, EOPNOTSUPP without kernel support.
+
+    The kernel fails an open with EIO when one inode is given two different
+    backing files, so every open of the same host inode shares one backing id,
+    counted, and closed with the last release. (The kernel opens its own file
+    on the backing path with each open's flags, so sharing is safe.)
     """
 
     def __init__(self, devfd: int):
         self._devfd = devfd
+        self._by_inode: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [id, refs]
+        self._inode_of: dict[int, tuple[int, int]] = {}
         self.opened = 0
         self.closed = 0
         self.failed = 0
 
     def open(self, fd: int) -> int:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        shared = self._by_inode.get(key)
+        if shared is not None:
+            shared[1] += 1
+            return shared[0]
         arg = bytearray(P.backing_map(fd))
         try:
             # mutate_flag=True makes ioctl return the syscall's value: the id.
@@ -68,16 +81,35 @@ class BackingFiles:
         except OSError:
             self.failed += 1
             raise
+        self._by_inode[key] = [backing_id, 1]
+        self._inode_of[backing_id] = key
         self.opened += 1
         return backing_id
 
     def close(self, backing_id: int) -> None:
+        key = self._inode_of.get(backing_id)
+        if key is not None:
+            shared = self._by_inode[key]
+            shared[1] -= 1
+            if shared[1] > 0:
+                return
+            del self._by_inode[key]
+            del self._inode_of[backing_id]
         arg = bytearray(struct.pack("<I", backing_id))
         fcntl.ioctl(self._devfd, P.FUSE_DEV_IOC_BACKING_CLOSE, arg, True)
         self.closed += 1
 
+    @property
+    def live(self) -> int:
+        return len(self._inode_of)
+
     def stats(self) -> dict:
-        return {"opened": self.opened, "closed": self.closed, "failed": self.failed}
+        return {
+            "opened": self.opened,
+            "closed": self.closed,
+            "failed": self.failed,
+            "live": self.live,
+        }
 
 
 def clone_fd(devfd: int) -> int:
