@@ -66,6 +66,10 @@ class HandleTable(Actor):
     async def set_dir_entries(self, fh: int, entries: tuple) -> None:
         await self.ask(self._set_dir_entries, fh, entries)
 
+    async def reset(self) -> list[Handle]:
+        """A new session (after DESTROY): forget every handle; the caller closes the fds."""
+        return await self.ask(self._reset)
+
     async def count(self) -> int:
         return await self.ask(lambda: len(self._handles))
 
@@ -105,6 +109,11 @@ class HandleTable(Actor):
         h = self._handles.get(fh)
         if h is not None:
             h.entries = entries
+
+    def _reset(self) -> list[Handle]:
+        gone = list(self._handles.values())
+        self._handles.clear()
+        return gone
 
     def close(self) -> None:
         for h in self._handles.values():

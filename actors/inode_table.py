@@ -114,6 +114,10 @@ class InodeTable(Actor):
         """FORGET for many; returns the nodeids that were dropped."""
         return await self.ask(self._batch_forget, items)
 
+    async def reset(self) -> list[int]:
+        """A new session (after DESTROY): forget every inode but the root."""
+        return await self.ask(self._reset)
+
     async def unlinked(self, parent: int, name: bytes) -> int | None:
         """The name was removed on the host: drop the map entry; returns the nodeid it had."""
         return await self.ask(self._unlinked, parent, name)
@@ -250,6 +254,15 @@ class InodeTable(Actor):
         if self._by_key.get(ino.key) == ino.nodeid:
             del self._by_key[ino.key]
         os.close(ino.fd)
+
+    def _reset(self) -> list[int]:
+        dropped = [n for n in self._inodes if n != FUSE_ROOT_ID]
+        for nodeid in dropped:
+            ino = self._inodes.get(nodeid)
+            if ino is not None:
+                self._drop(ino)
+        self._kids.clear()
+        return dropped
 
     def _unlinked(self, parent: int, name: bytes) -> int | None:
         return self._unbind(parent, name)

@@ -99,6 +99,30 @@ class Filesystem:
         self.supervisor = Supervisor()
         if config.dax_name or config.dax_size:
             self.dax = self._make_dax_window(config)
+        if config.watch:
+            from actors.watcher import Watcher
+
+            self.watcher = Watcher(self)
+
+    async def reset_session(self) -> None:
+        """After FUSE_DESTROY: the client forgot everything; so do we (root stays).
+
+        A virtio-fs guest may INIT again on the same connection; without this the
+        old session's inodes and open handles would stay until the server exits.
+        """
+        dropped = await self.inodes.reset()
+        if self.watcher is not None:
+            for nodeid in dropped:
+                self.watcher.unwatch(nodeid)
+        handles = await self.handles.reset()
+        for h in handles:
+            if h.backing_id and self.backing is not None:
+                try:
+                    self.backing.close(h.backing_id)
+                except OSError:
+                    pass
+        if handles:
+            await self.pool.run_owning([h.fd for h in handles], lambda: None)
 
     @staticmethod
     def _make_dax_window(config: FsConfig):

@@ -549,7 +549,9 @@ def _open_existing(pfd: int, name: bytes, flags: int) -> int:
     """open(2) of parent/name that never opens a symlink or a special file."""
     ifd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
     try:
-        return _reopen(ifd, flags)
+        # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP);
+        # the O_PATH open above already refused a symlink.
+        return _reopen(ifd, flags & ~os.O_NOFOLLOW)
     finally:
         os.close(ifd)
 

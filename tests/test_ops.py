@@ -390,3 +390,40 @@ async def test_hostile_sizes_and_offsets_get_errnos(tmp_path):
         assert await errno_of(ops.fallocate(fs, CTX, e.nodeid, o.fh, 0, 2**63 - 1, 0)) in (
             errno.EFBIG, errno.ENOSPC, errno.EINVAL,
         )  # fmt: skip
+
+
+@pytest.mark.timeout(20)
+async def test_fifo_never_hangs_open_or_create(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    async with running(tmp_path) as fs:
+        e = await ops.lookup(fs, CTX, ROOT, b"fifo")
+        for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
+            assert await errno_of(ops.open(fs, CTX, e.nodeid, flags)) == errno.ENXIO
+        # CREATE without O_EXCL meeting an existing FIFO (a stale negative dentry)
+        assert await errno_of(ops.create(fs, CTX, ROOT, b"fifo", 0o644, os.O_WRONLY)) == errno.ENXIO
+        assert await fs.handles.count() == 0
+
+
+async def test_create_without_excl_opens_a_file_created_on_the_host(tmp_path):
+    async with running(tmp_path) as fs:
+        (tmp_path / "f").write_bytes(b"host")
+        e, o = await ops.create(fs, CTX, ROOT, b"f", 0o600, os.O_RDWR, 0)
+        assert await ops.read(fs, CTX, e.nodeid, o.fh, 0, 10) == b"host"
+        assert e.attr.size == 4
+
+
+async def test_destroy_resets_the_session(tmp_path):
+    (tmp_path / "f").write_text("x")
+    before = set(os.listdir("/proc/self/fd"))
+    async with running(tmp_path) as fs:
+        e = await ops.lookup(fs, CTX, ROOT, b"f")
+        await ops.open(fs, CTX, e.nodeid, os.O_RDONLY)
+        await ops.opendir(fs, CTX, ROOT)
+        await fs.reset_session()
+        assert (await fs.inodes.counts())["inodes"] == 1
+        assert await fs.handles.count() == 0
+        assert await errno_of(ops.getattr(fs, CTX, e.nodeid)) == errno.ENOENT
+        again = await ops.lookup(fs, CTX, ROOT, b"f")
+        assert again.nodeid > e.nodeid
+        await ops.forget(fs, again.nodeid, 1)
+    assert set(os.listdir("/proc/self/fd")) == before
