@@ -132,11 +132,16 @@ def main(argv: list[str]) -> int:
     from runtime import cli
 
     src, mnt, stats_file, *options = argv
+    # Bench-only switches (not CLI options), to measure what a feature costs.
+    no_watch = "--bench-no-watch" in options
+    options = [o for o in options if o != "--bench-no-watch"]
     with open(stats_file + ".pid", "w") as f:
         f.write(str(os.getpid()))
     args = cli.build_parser().parse_args(["mount", src, mnt, "-f", *options])
     cli.setup_logging(args.debug)
     config = cli.make_config(args, os.path.realpath(src))
+    if no_watch:
+        config.watch = False
     t0 = time.monotonic()
     rc = cli.run_loop(_serve(args, config, stats_file))
     print(f"served for {time.monotonic() - t0:.1f} s", file=sys.stderr)

@@ -1,0 +1,109 @@
+"""The benchmark harness itself: a --quick run produces a well-formed report.
+
+No timing assertions: only that every workload ran against every target and
+the tables, ratios and server latencies are there and parse.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import report  # noqa: E402
+from report import Target  # noqa: E402
+from workloads import METADATA_PHASES, UNITS  # noqa: E402
+
+NUMBER = r"[\d,]+(\.\d+)?( s)?"
+
+
+def _table(md: str, workload: str) -> list[list[str]]:
+    """The rows (cells) of the figures table for `workload`."""
+    m = re.search(rf"^### {workload} \(.*?\n\n(\|.*?)(\n\n|\n?\Z)", md, re.S | re.M)
+    assert m, f"no table for {workload}"
+    lines = m.group(1).splitlines()
+    assert re.fullmatch(r"\|(-+\|)+", lines[1]), lines[1]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in [lines[0], *lines[2:]]]
+
+
+def _synthetic_results() -> tuple[list[Target], list[dict]]:
+    targets = [
+        Target("native / tmpfs", "tmpfs", None),
+        Target("actorfs auto / tmpfs", "tmpfs", "auto"),
+    ]
+    rows = []
+    for r, scale in enumerate((1.0, 1.2, 0.9)):
+        for t, f in ((targets[0], 100.0), (targets[1], 10.0)):
+            srv = (
+                None if t.native else {"LOOKUP": {"count": 4, "histogram_us": {"64": 3, "512": 1}}}
+            )
+            rows.append({"target": t.name, "repeat": r, "workload": "metadata", "server": srv,
+                         "figures": {p: f * scale for p in [*METADATA_PHASES, "all"]}})  # fmt: skip
+            rows.append({"target": t.name, "repeat": r, "workload": "small_files", "server": None,
+                         "figures": {"extract": 1 / f * scale, "read back": 2 / f}})  # fmt: skip
+    return targets, rows
+
+
+def test_render_medians_ratios_and_latency():
+    targets, rows = _synthetic_results()
+    meta = {"date": "d", "machine": "m", "kernel": "k", "python": "p", "mode": "quick",
+            "repeat": 3, "sizes": "s"}  # fmt: skip
+    md = report.render(meta, targets, rows, [])
+    table = _table(md, "metadata")
+    assert table[0] == ["target", *METADATA_PHASES, "all"]
+    native, ours = table[1], table[2]
+    assert native[0] == "native / tmpfs" and native[1] == "100"  # median of 100, 120, 90
+    assert ours[0] == "actorfs auto / tmpfs" and ours[1] == "10.0 (10.0%)"
+    small = _table(md, "small_files")
+    assert small[2][1].endswith("(10.0x)")  # lower is better: a time multiple
+    assert "LOOKUP 4× 64/512" in md  # p50 in the 64 us bucket, p99 in the 512 us one
+    assert "| create >= 3% | 10.0% of native | yes |" in md
+    assert "| sequential 1 MiB write >= 60% | not measured | – |" in md
+
+
+def test_diff_stats_subtracts_histograms():
+    before = {"ops": {"READ": {"histogram_us": {"64": 2}}}}
+    after = {
+        "ops": {"READ": {"histogram_us": {"64": 5, "128": 1}}, "OPEN": {"histogram_us": {"8": 1}}}
+    }
+    d = report.diff_stats(before, after)
+    assert d == {"READ": {"count": 4, "histogram_us": {"64": 3, "128": 1}},
+                 "OPEN": {"count": 1, "histogram_us": {"8": 1}}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_run_writes_a_well_formed_report(tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("the benchmark mounts: it needs root and /dev/fuse")
+    out = tmp_path / "BENCH.md"
+    env = dict(os.environ, ACTORFS_BENCH_DIR=str(tmp_path / "work"))
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-guest",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=REPO)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    md = out.read_text()
+    assert "- kernel: " in md and "- machine: " in md
+    for workload in UNITS:
+        table = _table(md, workload)
+        names = [row[0] for row in table[1:]]
+        assert names == ["native / tmpfs", "actorfs auto / tmpfs"], (workload, names)
+        for row in table[1:]:
+            assert len(row) == len(table[0])
+            for cell in row[1:]:
+                assert re.match(NUMBER, cell), (workload, cell)
+        for cell in table[2][1:]:
+            assert re.search(r"\((\d+\.\d%|\d+\.\dx)\)$", cell), (workload, cell)
+        # the server's own latency per op, from its stats
+        assert re.search(rf"Server latency for {workload} .*?\| actorfs auto / tmpfs \| \w+ \d+× "
+                         r"\d+/\d+", md, re.S), workload  # fmt: skip
+    assert re.search(r"\| create >= 3% \| \d+\.\d% of native \| (yes|no) \|", md)
+    # nothing left mounted
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in mounts
