@@ -425,18 +425,21 @@ class Watcher(Actor):
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
-                await self._wait_inflight()
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                stuck = not await self._wait_inflight()
+                # An idle thread is joined at once (no thread left behind); one
+                # still stuck in a notify write is left to end with the fd.
+                self._executor.shutdown(wait=not stuck, cancel_futures=True)
                 self._executor = None
                 if self._stopped:  # a clean stop, not a crash to restart from
                     self._close_inotify()
 
-    async def _wait_inflight(self) -> None:
-        """Let a notify write already in the kernel finish (bounded), so no thread lingers."""
+    async def _wait_inflight(self) -> bool:
+        """Let a notify write already in the kernel finish (bounded); False if it did not."""
         fut = self._inflight
         if fut is not None and not fut.done():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), 1.0)
+        return fut is None or fut.done()
 
     async def _send_loop(self) -> None:
         while True:

@@ -93,7 +93,7 @@ async def until(pred, what: str, timeout: float = 10.0):
 
 @contextlib.asynccontextmanager
 async def watched_fs(root, notifier, **kw):
-    fs = Filesystem(FsConfig(root=str(root)))
+    fs = Filesystem(FsConfig(root=str(root), watch=False))
     fs.watcher = Watcher(fs, notifier, window=0.01, **kw)
     try:
         async with fs.supervisor.started(fs.actors()):
@@ -416,7 +416,7 @@ async def test_watch_file_by_nodeid_for_a_dax_mapping(tmp_path):
 async def test_a_watcher_that_never_ran_holds_nothing(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     before = watcher_fds()
-    fs = Filesystem(FsConfig(root=str(tmp_path)))
+    fs = Filesystem(FsConfig(root=str(tmp_path), watch=False))
     w = Watcher(fs, Recorder())
     assert watcher_fds() - before == {str(fs.inodes.root_fd)}  # only the table's root fd
     fd = os.open(tmp_path / "f", os.O_PATH)
