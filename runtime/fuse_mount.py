@@ -104,8 +104,18 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
     return entries
 
 
+def canonical_mountpoint(path: str) -> str:
+    """Canonical path of `path` without stat-ing `path` itself.
+
+    Resolving a live FUSE mountpoint asks its server (GETATTR), which blocks
+    until INIT and deadlocks when the asking process is the server.
+    """
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def is_mountpoint(path: str) -> bool:
-    real = os.path.realpath(path)
+    real = canonical_mountpoint(path)
     return any(m.mountpoint == real for m in mountinfo())
 
 

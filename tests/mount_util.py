@@ -39,8 +39,15 @@ def mountpoints() -> set[str]:
     return {m.mountpoint for m in mountinfo()}
 
 
+def canonical(mnt) -> str:
+    """Canonical path of a mountpoint without stat-ing it: that would ask the
+    server, and deadlock when this very process serves the mount."""
+    mnt = os.path.abspath(str(mnt))
+    return os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
+
+
 def is_mounted(mnt) -> bool:
-    return os.path.realpath(str(mnt)) in mountpoints()
+    return canonical(mnt) in mountpoints()
 
 
 def wait_until(pred, timeout: float = 10.0, step: float = 0.05) -> bool:

@@ -1,0 +1,172 @@
+"""How a mount served by the CLI ends: signals, external umount, kill -9, daemon mode.
+
+Whatever the way out, the mountpoint is left unmounted (or, after kill -9,
+fails fast with ENOTCONN until `umount -l`), and no server process is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mount_util import (
+    CliMount,
+    cli,
+    force_unmount,
+    is_mounted,
+    needs_mount,
+    pid_alive,
+    py,
+    sh,
+    wait_until,
+)
+
+pytestmark = [needs_mount, pytest.mark.mount, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "hello").write_text("hi\n")
+    yield src, mnt
+    force_unmount(mnt)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_and_exits_0(dirs, sig):
+    src, mnt = dirs
+    m = CliMount(src, mnt).start()
+    assert is_mounted(mnt)
+    assert sh(f"cat '{mnt}/hello'").stdout == "hi\n"
+    m.signal(sig)
+    assert m.wait(30) == 0, m.stderr
+    assert not is_mounted(mnt)
+    assert not pid_alive(m.pid)
+    assert "Traceback" not in m.stderr
+
+
+def test_external_umount_exits_0(dirs):
+    src, mnt = dirs
+    m = CliMount(src, mnt).start()
+    subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+    assert m.wait(30) == 0, m.stderr
+    assert not is_mounted(mnt)
+    assert "Traceback" not in m.stderr
+
+
+def test_kill_9_leaves_a_mount_that_fails_fast(dirs):
+    src, mnt = dirs
+    m = CliMount(src, mnt).start()
+    m.signal(signal.SIGKILL)
+    assert m.wait(30) == -signal.SIGKILL
+    # No hang: every access fails at once with ENOTCONN.
+    code = f"import os\ntry:\n    os.stat({str(mnt)!r})\nexcept OSError as e:\n    print(e.errno)"
+    t0 = time.monotonic()
+    assert py(code, timeout=20).stdout.strip() == str(errno.ENOTCONN)
+    assert time.monotonic() - t0 < 15
+    # A new mount on it says what to do, in one line.
+    r = cli("mount", str(src), str(mnt), "-f", timeout=20)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"actorfs: error: mountpoint {mnt} is a dead FUSE mount: clean it up with umount -l {mnt}"
+    ]
+    subprocess.run(["umount", "-l", str(mnt)], check=True, timeout=30)
+    assert not is_mounted(mnt)
+    assert not pid_alive(m.pid)
+
+
+def test_sigterm_while_a_file_is_held_open(dirs):
+    """A program holding a file open cannot keep the server (or itself) hanging."""
+    src, mnt = dirs
+    m = CliMount(src, mnt).start()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time\nf = open({str(mnt / 'hello')!r})\nprint('open', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        m.signal(signal.SIGTERM)
+        assert m.wait(30) == 0, m.stderr
+        assert not is_mounted(mnt)
+    finally:
+        holder.kill()
+        holder.wait(20)
+    assert not pid_alive(m.pid)
+
+
+def test_sigusr1_and_stats_interval_print_stats(dirs):
+    src, mnt = dirs
+    m = CliMount(src, mnt, "--stats-interval", "0.2").start()
+    try:
+        sh(f"ls -la '{mnt}' > /dev/null; cat '{mnt}/hello' > /dev/null")
+        assert wait_until(lambda: m.stderr.count("actorfs stats:") >= 2, 10)
+        n = m.stderr.count("actorfs stats:")
+        m.signal(signal.SIGUSR1)
+        assert wait_until(lambda: m.stderr.count("actorfs stats:") > n, 10)
+        assert re.search(r"READ\s+\d+ req", m.stderr), m.stderr
+    finally:
+        assert m.stop() == 0
+
+
+def test_daemon_mode_returns_once_mounted_and_exits_on_umount(dirs):
+    src, mnt = dirs
+    r = cli("mount", str(src), str(mnt), timeout=30)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(mnt)
+        found = re.search(r"server pid (\d+)", r.stdout)
+        assert found and str(mnt) in r.stdout, r.stdout
+        pid = int(found.group(1))
+        assert pid_alive(pid)
+        assert sh(f"cat '{mnt}/hello' && echo more > '{mnt}/new'").stdout == "hi\n"
+        assert (src / "new").read_text() == "more\n"
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_until(lambda: not pid_alive(pid), 20)
+    finally:
+        force_unmount(mnt)
+
+
+def test_daemon_mode_sigterm(dirs):
+    src, mnt = dirs
+    r = cli("mount", str(src), str(mnt), "--cache", "never", timeout=30)
+    assert r.returncode == 0, r.stderr
+    pid = int(re.search(r"server pid (\d+)", r.stdout).group(1))
+    os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not pid_alive(pid), 20)
+    assert not is_mounted(mnt)
+
+
+def test_read_only_mount(dirs):
+    src, mnt = dirs
+    with CliMount(src, mnt, "--read-only"):
+        out = py(
+            "import errno, os\n"
+            f"os.chdir({str(mnt)!r})\n"
+            "print(open('hello').read().strip())\n"
+            "for f in (lambda: open('x', 'w'), lambda: os.mkdir('d'), lambda: os.unlink('hello')):\n"
+            "    try:\n        f()\n    except OSError as e:\n        print(errno.errorcode[e.errno])\n"
+        ).stdout.split()
+    assert out == ["hi", "EROFS", "EROFS", "EROFS"]
+    assert sorted(os.listdir(src)) == ["hello"]
+
+
+def test_paths_with_spaces_and_commas(tmp_path):
+    src, mnt = tmp_path / "my src, one", tmp_path / "my mnt"
+    src.mkdir()
+    mnt.mkdir()
+    try:
+        with CliMount(src, mnt, "--queues", "2"):
+            assert is_mounted(mnt)
+            sh(f"echo ok > '{mnt}/f'")
+            assert (src / "f").read_text() == "ok\n"
+        assert not is_mounted(mnt)
+    finally:
+        force_unmount(mnt)
