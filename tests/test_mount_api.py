@@ -172,3 +172,26 @@ def test_loop_shutdown_without_stop_still_unmounts(dirs):
     )
     assert p.stdout.split() == ["mounted", "done"], p.stderr
     assert not is_mounted(mnt)
+
+
+async def test_a_fatal_actor_crash_unmounts_and_nothing_hangs(dirs):
+    from runtime.server import ServerFailed
+
+    src, mnt = dirs
+    server = await mount(FsConfig(root=str(src)), str(mnt))
+    try:
+        server.fs.supervisor.policy = "stop"  # no restart: the crash is fatal
+        server.fs.inodes.inject_crash = RuntimeError("injected")
+        # The next request that reaches the inode table kills it; the program
+        # gets an error (EIO, then ENOTCONN once the connection is aborted),
+        # never a hang.
+        rc, out = await run(
+            "sh", "-c", f"cat '{mnt}/hello'; ls '{mnt}/a/b'; stat '{mnt}'", timeout=30
+        )
+        assert rc != 0
+        with pytest.raises(ServerFailed, match="actor inode_table failed"):
+            await asyncio.wait_for(server.wait(), 30)
+        assert not is_mounted(mnt)
+        assert isinstance(server.failure, RuntimeError)
+    finally:
+        await server.stop()
