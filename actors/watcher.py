@@ -93,13 +93,15 @@ class Batch:
     children: dict[tuple[int, bytes], bool] = field(default_factory=dict)
     # (parent, name) whose entry changed -> the last event was a deletion
     entries: dict[tuple[int, bytes], bool] = field(default_factory=dict)
+    # entries put off once (see Watcher._deliver): decided for good this time
+    rechecks: dict[tuple[int, bytes], bool] = field(default_factory=dict)
     overflow: bool = False
     # filled when taken: every watch (for an overflow) and the notifier to use
     watched: list[tuple[int, bool, int | None, bytes | None]] = field(default_factory=list)
     notifier: object | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.inodes or self.children or self.entries or self.overflow)
+        return bool(self.inodes or self.children or self.entries or self.rechecks or self.overflow)
 
 
 class Watcher(Actor):
@@ -128,6 +130,7 @@ class Watcher(Actor):
     ):
         super().__init__(mailbox_size)
         self.inodes = fs.inodes if fs is not None else None  # for (parent, name) -> nodeid
+        self.pool = fs.pool if fs is not None else None  # for the entry checks' syscalls
         self.notifier = notifier
         self.window = window
         self.max_watches = min(max_watches or DEFAULT_MAX_WATCHES, inotify.max_user_watches())
@@ -152,6 +155,7 @@ class Watcher(Actor):
         self.watch_errors = 0  # the inode could not be watched (EACCES, ENOENT...)
         self.sent = dict.fromkeys(NOTICE_KINDS, 0)
         self.undelivered = dict.fromkeys(NOTICE_KINDS, 0)
+        self.entries_unchanged = 0  # entry notices skipped: the name leads where it did
         self._root_fd = fs.inodes.root_fd if fs is not None else None
         # The inotify fd, the notify thread and the root's watch come with run():
         # a watcher built but never run holds nothing.
@@ -233,6 +237,7 @@ class Watcher(Actor):
             "watches_removed": self.watches_removed,
             "watches_refused": self.watches_refused,
             "watch_errors": self.watch_errors,
+            "entries_unchanged": self.entries_unchanged,
             "max_watches": self.max_watches,
             "sent": dict(self.sent),
             "undelivered": dict(self.undelivered),
@@ -361,6 +366,12 @@ class Watcher(Actor):
         else:
             d[key] = flag
 
+    def _recheck(self, entries: dict) -> None:
+        for key, deleted in entries.items():
+            self._batch.rechecks[key] = self._batch.rechecks.get(key, False) or deleted
+        if self._batch:
+            self._work.set()
+
     def _take_batch(self) -> Batch | None:
         self._work.clear()
         b, self._batch = self._batch, Batch()
@@ -471,6 +482,34 @@ class Watcher(Actor):
         except FsError:
             return []
 
+    async def _entry_state(self, parent: int, name: bytes, child: int | None) -> str | None:
+        """Where `name` leads now, against `child` (the nodeid the client knows there).
+
+        "same": still to child, so the client's dentry is right and an entry
+        notice would only hurt (this is mostly the echo of the client's own
+        create, mkdir or rename through us; dropping the dentry of a directory
+        the client just made would unhash its cwd). "deleted": gone, and child
+        has no link left, so DELETE (which zeroes the client's nlink) is true.
+        "present" / "absent": no child known, the name exists / does not.
+        "other" or None (could not tell): invalidate the entry.
+        """
+        if self.pool is None:
+            return None
+        try:
+            if child is None:
+                pfd, _kind = await self.inodes.dup_fd(parent)
+                fds = (pfd,)
+                cfd = -1
+            else:
+                pfd, cfd = await self.inodes.dup_two(parent, child)
+                fds = (pfd, cfd)
+        except (FsError, OSError):
+            return None
+        try:
+            return await self.pool.run_owning(fds, _entry_state_job, pfd, name, cfd)
+        except Exception:  # a stopping pool, a vanished parent: be conservative
+            return None
+
     async def _deliver(self, b: Batch) -> None:
         inodes = dict(b.inodes)
         entries = dict(b.entries)
@@ -493,12 +532,26 @@ class Watcher(Actor):
         calls: list[tuple] = []
         for nodeid, data in inodes.items():
             calls.append(("inval_inode", nodeid, 0 if data else -1, 0))
-        for (parent, name), deleted in entries.items():
-            child = await self._child(parent, name) if deleted else None
-            if child is not None and getattr(n, "delete", None) is not None:
+        can_delete = getattr(n, "delete", None) is not None
+        later: dict[tuple[int, bytes], bool] = {}
+        todo = [(k, d, False) for k, d in entries.items() if k not in b.rechecks]
+        todo += [(k, d, True) for k, d in b.rechecks.items()]
+        for (parent, name), deleted, final in todo:
+            child = await self._child(parent, name)
+            state = await self._entry_state(parent, name, child)
+            if state == "same":
+                self.entries_unchanged += 1
+            elif state == "present" and not final:
+                # A name the inode table does not know yet may be one a
+                # request is registering right now (the client's own create
+                # or mkdir): look again after one more window.
+                later[(parent, name)] = deleted
+            elif state == "deleted" and deleted and can_delete:
                 calls.append(("delete", parent, child, name))
             else:
                 calls.append(("inval_entry", parent, name))
+        if later:
+            self.tell(self._recheck, later)
         if n is None:
             for call in calls:
                 self.undelivered[call[0]] += 1
@@ -549,6 +602,22 @@ class Watcher(Actor):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+def _entry_state_job(pfd: int, name: bytes, cfd: int) -> str:
+    """Pool job for Watcher._entry_state: compare the host's name with the client's inode."""
+    known = os.fstat(cfd) if cfd >= 0 else None
+    try:
+        now = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        if known is None:
+            return "absent"
+        return "deleted" if known.st_nlink == 0 else "other"
+    except OSError:
+        return "other"
+    if known is None:
+        return "present"
+    return "same" if (now.st_dev, now.st_ino) == (known.st_dev, known.st_ino) else "other"
 
 
 def _notify(n, call: tuple):

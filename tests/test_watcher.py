@@ -279,13 +279,14 @@ async def test_queue_overflow_invalidates_everything_known(tmp_path):
         limit = int(f.read())
     sub = tmp_path / "s"
     sub.mkdir()
-    for n in ("a", "b"):
+    for n in ("a", "b", "c"):
         (sub / n).write_bytes(b"")
     rec = Recorder()
     async with watched_fs(tmp_path, rec) as fs:
         sn = await lookup(fs, FUSE_ROOT_ID, b"s", watch=True)
         a = await lookup(fs, sn, b"a", watch=True)
         b = await lookup(fs, sn, b"b", watch=True)
+        c = await lookup(fs, sn, b"c", watch=True)
         await fs.watcher.watched()  # the watches are in place
         fa = os.open(sub / "a", os.O_WRONLY | os.O_APPEND)
         fb = os.open(sub / "b", os.O_WRONLY | os.O_APPEND)
@@ -295,14 +296,36 @@ async def test_queue_overflow_invalidates_everything_known(tmp_path):
             for _ in range(limit // 2 + 100):
                 os.write(fa, b"1")
                 os.write(fb, b"2")
+            # c is replaced while events are being lost
+            (sub / "c.tmp").write_bytes(b"new c")
+            os.rename(sub / "c.tmp", sub / "c")
         finally:
             os.close(fa)
             os.close(fb)
         await until(lambda: fs.watcher.stats()["overflows"] >= 1, "overflow counted")
-        for nodeid in (FUSE_ROOT_ID, sn, a, b):
+        for nodeid in (FUSE_ROOT_ID, sn, a, b, c):
             await until(lambda n=nodeid: any(c[2] == 0 for c in rec.inode(n)), f"{nodeid} data")
-        for name in (b"a", b"b"):
-            await until(lambda n=name: ("inval_entry", sn, n) in rec.calls, f"entry {name!r}")
+        # c's name now leads to another inode: its entry goes; a and b still
+        # lead where the client thinks, so their dentries are left alone.
+        await until(lambda: ("inval_entry", sn, b"c") in rec.calls, "entry c")
+        assert ("inval_entry", sn, b"a") not in rec.calls
+        assert ("inval_entry", sn, b"b") not in rec.calls
+        assert fs.watcher.stats()["entries_unchanged"] >= 2
+
+
+async def test_the_clients_own_create_is_not_echoed_as_an_entry_notice(tmp_path):
+    """A name created through the server (registered in the inode table, as the
+    create/mkdir ops do) still leads to that inode: no entry notice, which would
+    drop the client's fresh dentry (and unhash a new directory used as a cwd)."""
+    rec = Recorder()
+    async with watched_fs(tmp_path, rec) as fs:
+        await fs.watcher.watched()
+        os.mkdir(tmp_path / "made_by_client")
+        await lookup(fs, FUSE_ROOT_ID, b"made_by_client")
+        (tmp_path / "made_on_host").write_bytes(b"")  # nobody registered it
+        await until(lambda: ("inval_entry", FUSE_ROOT_ID, b"made_on_host") in rec.calls, "host")
+        await until(lambda: fs.watcher.stats()["entries_unchanged"] >= 1, "echo skipped")
+        assert ("inval_entry", FUSE_ROOT_ID, b"made_by_client") not in rec.calls
 
 
 async def test_unwatch_stops_notices_and_removes_the_kernel_watch(tmp_path):

@@ -289,3 +289,28 @@ async def test_burst_of_host_writes_is_coalesced_on_the_mount(tmp_path):
         sent = sum(notices(server).values()) - sent0
         assert sent * 10 < writes, (sent, events)
         assert sent < events, (sent, events)
+
+
+async def test_the_clients_own_changes_keep_its_dentries(tmp_path):
+    """The watcher also sees what the server itself does for the client. Those
+    names still lead where the client thinks, so no entry notice may drop its
+    dentries: a directory just made and entered must stay a valid cwd."""
+    src = tmp_path / "src"
+    src.mkdir()
+    async with mounted(tmp_path, True) as (server, mnt):
+        script = (
+            "import os, time\n"
+            f"os.chdir({str(mnt)!r}); os.mkdir('d'); os.chdir('d')\n"
+            "open('f', 'w').write('x'); os.rename('f', 'g')\n"
+            "time.sleep(0.2)\n"  # a few coalescing windows: the notices went out
+            "print(os.getcwd()); print(sorted(os.listdir('.')))\n"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            "python3", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().split("\n")[:2] == [str(mnt / "d"), "['g']"]
+        st = server.fs.watcher.stats()
+        assert st["entries_unchanged"] >= 2, st
+        assert st["sent"]["delete"] == 0, st
