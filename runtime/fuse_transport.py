@@ -240,6 +240,7 @@ class FuseTransport:
         view = memoryview(buf)
         submit = self.dispatcher.submit
         send = self._sender(fd)
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
             while True:
                 try:
@@ -262,6 +263,8 @@ class FuseTransport:
                 # The dispatcher keeps the frame until the reply is sent (WRITE
                 # data is a view into it): hand it a copy, reuse the buffer.
                 frame = bytes(view[:n])
+                if debug:
+                    _log_request(frame)
                 if (
                     not self.ready.is_set()
                     and n >= 8
@@ -286,7 +289,12 @@ class FuseTransport:
             loop.remove_reader(fd)
 
     def _sender(self, fd: int):
+        debug = log.isEnabledFor(logging.DEBUG)
+
         def send(iov: list) -> None:
+            if debug:
+                length, error, unique = P.parse_out_header(iov[0])
+                log.debug("reply unique=%d error=%d len=%d", unique, error, length)
             try:
                 os.writev(fd, iov)
             except OSError as exc:
@@ -371,6 +379,15 @@ class FuseTransport:
             "notify_dropped": self.notify_dropped,
             "backing": self.backing.stats(),
         }
+
+
+def _log_request(frame: bytes) -> None:
+    if len(frame) < P.IN_HEADER_SIZE:
+        log.debug("short frame of %d bytes", len(frame))
+        return
+    length, opcode, unique, nodeid = struct.unpack_from("<IIQQ", frame)
+    name = P.OPCODE_NAMES.get(opcode, str(opcode))
+    log.debug("request %s unique=%d nodeid=%d len=%d", name, unique, nodeid, length)
 
 
 def _wake(fut: asyncio.Future) -> None:
