@@ -71,6 +71,8 @@ FILE_MASK = _CONTENT | inotify.IN_ATTRIB | _SELF_GONE
 # EXCL_UNLINK: no events from children after they were unlinked.
 DIR_MASK = FILE_MASK | _NAMES | inotify.IN_ONLYDIR | inotify.IN_EXCL_UNLINK
 
+ENTRY_CHECKS_IN_FLIGHT = 32  # pool jobs comparing a name with the client's inode
+
 NOTICE_KINDS = ("inval_inode", "inval_entry", "delete")
 
 
@@ -536,9 +538,15 @@ class Watcher(Actor):
         later: dict[tuple[int, bytes], bool] = {}
         todo = [(k, d, False) for k, d in entries.items() if k not in b.rechecks]
         todo += [(k, d, True) for k, d in b.rechecks.items()]
-        for (parent, name), deleted, final in todo:
-            child = await self._child(parent, name)
-            state = await self._entry_state(parent, name, child)
+        limit = asyncio.Semaphore(ENTRY_CHECKS_IN_FLIGHT)
+
+        async def check(parent: int, name: bytes) -> tuple[int | None, str | None]:
+            async with limit:
+                child = await self._child(parent, name)
+                return child, await self._entry_state(parent, name, child)
+
+        checked = await asyncio.gather(*(check(p, nm) for (p, nm), _d, _f in todo))
+        for ((parent, name), deleted, final), (child, state) in zip(todo, checked, strict=True):
             if state == "same":
                 self.entries_unchanged += 1
             elif state == "present" and not final:
