@@ -196,6 +196,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     src = fuse_mount.check_source(args.src)
     fuse_mount.check_device()
     mnt, _ = fuse_mount.check_mountpoint(args.mnt)
+    fuse_mount.check_nesting(src, mnt)
     if os.geteuid() != 0 and fuse_mount.fusermount_path() is None:
         raise MountError(
             "not running as root and fusermount3 is not installed: install fuse3 (apt-get install fuse3)"

@@ -179,6 +179,18 @@ def check_mountpoint(mnt: str) -> tuple[str, int]:
     return real, stat.S_IFMT(st.st_mode)
 
 
+def check_nesting(src: str, mnt: str) -> None:
+    """Refuse a mountpoint strictly inside the served directory (both canonical).
+
+    The server would reach its own mount through the root and hold it busy
+    (lookups of the mountpoint would cross into the mount it serves).
+    """
+    if mnt != src and mnt.startswith(src.rstrip("/") + "/"):
+        raise MountError(
+            f"mountpoint {mnt} is inside the source directory {src}: pick a mountpoint outside it"
+        )
+
+
 def check_device() -> None:
     if not os.path.exists(FUSE_DEVICE):
         raise MountError(f"{FUSE_DEVICE} does not exist: load the fuse module (modprobe fuse)")
@@ -219,6 +231,7 @@ def mount(
     src = check_source(src)
     check_device()
     real, rootmode = check_mountpoint(mnt)
+    check_nesting(src, real)
     if use_fusermount is None:
         use_fusermount = os.geteuid() != 0
     source = f"actorfs:{src}"

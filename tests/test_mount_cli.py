@@ -28,7 +28,7 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture
 def tree(tmp_path):
-    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "in").mkdir(parents=True)
     (tmp_path / "mnt").mkdir()
     (tmp_path / "file").write_text("x")
     return tmp_path
@@ -44,6 +44,7 @@ def tree(tmp_path):
         (["{t}/src", "{t}/nope"], "mountpoint {t}/nope does not exist: create it with mkdir -p"),
         (["{t}/src", "{t}/file"], "mountpoint {t}/file is not a directory"),
         (["{t}/src", "/proc"], "mountpoint /proc is already a mount point: unmount it first"),
+        (["{t}/src", "{t}/src/in"], "mountpoint {t}/src/in is inside the source directory {t}/src"),
         (["{t}/src", "{t}/mnt", "--cache", "sometimes"], "invalid choice: 'sometimes'"),
         (["{t}/src", "{t}/mnt", "--symlinks", "maybe"], "invalid choice: 'maybe'"),
         (["{t}/src", "{t}/mnt", "--queues", "0"], "out of range"),
