@@ -170,3 +170,43 @@ def test_paths_with_spaces_and_commas(tmp_path):
         assert not is_mounted(mnt)
     finally:
         force_unmount(mnt)
+
+
+@pytest.mark.parametrize("allow_other", [False, True])
+def test_allow_other(allow_other):
+    """Only the mounting user gets in, unless --allow-other (default_permissions applies)."""
+    import shutil
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    base = tempfile.mkdtemp(prefix="actorfs-allow-")  # under /tmp, reachable by nobody
+    try:
+        os.chmod(base, 0o755)
+        src, mnt = os.path.join(base, "src"), os.path.join(base, "mnt")
+        os.mkdir(src, 0o755)
+        os.mkdir(mnt, 0o755)
+        with open(os.path.join(src, "public"), "w") as f:
+            f.write("for all\n")
+        with open(os.path.join(src, "secret"), "w") as f:
+            f.write("root only\n")
+        os.chmod(os.path.join(src, "secret"), 0o600)
+        with CliMount(src, mnt, *(["--allow-other"] if allow_other else [])):
+
+            def as_nobody(path):
+                return subprocess.run(
+                    [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path],
+                    capture_output=True, text=True, timeout=20,
+                )  # fmt: skip
+
+            public, secret = as_nobody(f"{mnt}/public"), as_nobody(f"{mnt}/secret")
+            if allow_other:
+                assert (public.returncode, public.stdout) == (0, "for all\n"), public.stderr
+                assert secret.returncode != 0 and "Permission denied" in secret.stderr
+            else:
+                assert public.returncode != 0 and "Permission denied" in public.stderr
+            assert sh(f"cat '{mnt}/secret'").stdout == "root only\n"
+    finally:
+        force_unmount(os.path.join(base, "mnt"))
+        shutil.rmtree(base, ignore_errors=True)
