@@ -583,3 +583,21 @@ def test_large_file_integrity(area):
     a = sh(f"sha256sum < '{host}/big'").stdout
     assert sh(f"sha256sum < '{mnt}/big2'").stdout == a
     assert sh(f"sha256sum < '{host}/big2'").stdout == a
+
+
+def test_fio_random_writes_verify(area):
+    import shutil
+
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    host, mnt, _ = area
+    out = sh(
+        f"fio --name=v --directory='{mnt}' --rw=randwrite --bs=4k-256k --size=16m --numjobs=4 "
+        "--verify=crc32c --do_verify=1 --verify_fatal=1 --ioengine=psync --group_reporting "
+        "--output-format=terse --terse-version=3",
+        timeout=240,
+    ).stdout
+    assert out.split(";")[4] == "0", out  # fio's error field
+    files = sorted(os.listdir(host))
+    assert files == [f"v.{j}.0" for j in range(4)]
+    assert all(os.path.getsize(os.path.join(host, f)) == 16 << 20 for f in files)
