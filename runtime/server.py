@@ -123,8 +123,13 @@ class MountedServer:
         if self._task is None:
             return
         self._stop_requested.set()
-        with contextlib.suppress(BaseException):
+        try:
             await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # our caller was cancelled; the teardown goes on regardless
+        except Exception:
+            pass  # a failure is reported by wait() and kept in self.failure
 
     def stats(self) -> dict:
         out = {
