@@ -279,7 +279,9 @@ def _mount_syscall(
         os.close(fd)
         if err == errno.EPERM:
             raise MountError(
-                f"no permission to mount on {mnt}: run as root or install fuse3 (apt-get install fuse3)"
+                f"no permission to mount on {mnt} (mount(2) needs CAP_SYS_ADMIN): run as root "
+                "outside a restricted container, or install fuse3 (apt-get install fuse3) "
+                "and run as an ordinary user"
             )
         if err == errno.ENODEV:
             raise MountError(
