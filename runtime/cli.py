@@ -232,7 +232,8 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
         return on_ready(None, str(exc), 1) or 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal must not leave a dead mount behind.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _print_stats, server)
     ticker = None
@@ -248,7 +249,7 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
         if ticker is not None:
             ticker.cancel()
         await server.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
     if server.failure is not None:
         print(f"{PROG}: server failed: {server.reason}: {server.failure}", file=sys.stderr)

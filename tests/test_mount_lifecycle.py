@@ -40,7 +40,7 @@ def dirs(tmp_path):
     force_unmount(mnt)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_unmounts_and_exits_0(dirs, sig):
     src, mnt = dirs
     m = CliMount(src, mnt).start()
