@@ -210,3 +210,29 @@ def test_allow_other(allow_other):
     finally:
         force_unmount(os.path.join(base, "mnt"))
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_sigterm_under_load_ends_everything(dirs):
+    """Stop while programs are busy in the mount: they fail, nothing hangs, no leftovers."""
+    src, mnt = dirs
+    m = CliMount(src, mnt).start()
+    # Each worker lives inside the mount (cwd), so it cannot fall through to
+    # the empty mountpoint directory once the mount is gone.
+    loop = (
+        f"cd '{mnt}' || exit 1; while :; do "
+        "dd if=/dev/zero of=w$$ bs=64k count=8 status=none || exit 0; ls >/dev/null || exit 0; done"
+    )
+    workers = [subprocess.Popen(["sh", "-c", loop], stderr=subprocess.DEVNULL) for _ in range(6)]
+    try:
+        time.sleep(0.5)
+        m.signal(signal.SIGTERM)
+        assert m.wait(30) == 0, m.stderr
+        for w in workers:
+            w.wait(30)  # every worker sees errors and exits: none hangs on the mount
+        assert not is_mounted(mnt)
+        assert "Traceback" not in m.stderr
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(10)
