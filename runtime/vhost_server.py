@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -340,12 +341,10 @@ class Session:
     from whichever task sees the frontend connect or the guest send INIT again.
     """
 
-    def __init__(self, config: FsConfig, dax_name: str | None, dax_size: int):
+    def __init__(self, config: FsConfig):
         self.config = config
-        self.dax_name = dax_name
-        self.dax_size = dax_size
         self.dispatcher = None
-        self.dax_window = None
+        self.dax_window = None  # the Filesystem's DAX actor, when configured
         self._closing = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -364,20 +363,16 @@ class Session:
 
     async def _live(self, ready: asyncio.Future) -> None:
         from runtime.dispatcher import Dispatcher
+        from runtime.filesystem import Filesystem
 
-        if self.dax_size:
-            self.dax_window = _dax_window(self.dax_name, self.dax_size)
-        try:
-            async with _filesystem_class(self.dax_window).running(self.config) as fs:
-                self.dispatcher = Dispatcher(fs, transport="virtiofs")
-                ready.set_result(None)
-                await self._closing.wait()
-                # Let the requests in flight finish (bounded), then stop the actors.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.dispatcher.drain(), DRAIN_TIMEOUT)
-        finally:
-            if self.dax_window is not None and not self.dax_window.closed:
-                self.dax_window.close()  # the supervisor never started it
+        async with Filesystem.running(self.config) as fs:
+            self.dispatcher = Dispatcher(fs, transport="virtiofs")
+            self.dax_window = fs.dax
+            ready.set_result(None)
+            await self._closing.wait()
+            # Let the requests in flight finish (bounded), then stop the actors.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dispatcher.drain(), DRAIN_TIMEOUT)
 
     async def close(self) -> None:
         if self._task is None:
@@ -392,9 +387,8 @@ class Session:
             log.warning("FUSE session ended with %r", self._task.exception())
 
 
-async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str | None = None,
-                           dax_name: str | None = None, dax_size: int = 0,
-                           stats_interval: float = 0) -> None:
+async def serve_connection(config: FsConfig, sock: socket.socket, *,
+                           tag: str | None = None, stats_interval: float = 0) -> None:
     """Serve one frontend until it disconnects, in a fresh FUSE session."""
     sock.setblocking(False)
     session = None
@@ -404,11 +398,11 @@ async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str | 
         nonlocal session
         old, session = session, None
         await old.close()
-        session = await Session(config, dax_name, dax_size).open()
+        session = await Session(config).open()
         return session.dispatcher, session.dax_window
 
     try:
-        session = await Session(config, dax_name, dax_size).open()
+        session = await Session(config).open()
         conn = Connection(sock, session.dispatcher, tag=tag, dax_window=session.dax_window,
                           renew=renew)
         await _serve(conn, stats_interval)
@@ -422,28 +416,19 @@ async def serve_connection(config: FsConfig, sock: socket.socket, *, tag: str | 
                 s.close()
 
 
-def _dax_window(name: str | None, size: int):
-    """The DAX window, its map/unmap requests sent to the frontend once it hands a channel."""
-    from actors.dax import DaxWindow
-    from runtime.dax_channel import ChannelMapper
+def virtiofs_config(config: FsConfig, dax_name: str | None, dax_size: int) -> FsConfig:
+    """The configuration a vhost-user session runs with.
 
-    name = name or f"/actorfs-dax-{os.getpid()}"
-    return DaxWindow.create(name, size, mapper=ChannelMapper())
-
-
-def _filesystem_class(dax_window):
-    """Filesystem whose DAX actor is this connection's window (started with the others)."""
-    from runtime.filesystem import Filesystem
-
-    if dax_window is None:
-        return Filesystem
-
-    class VirtioFilesystem(Filesystem):
-        def __init__(self, config: FsConfig):
-            super().__init__(config)
-            self.dax = dax_window
-
-    return VirtioFilesystem
+    The hypervisor is another process: a DAX window is useful to it only through
+    SHMEM_MAP requests on the backend channel, so the mapper is "channel".
+    """
+    if dax_size:
+        config = dataclasses.replace(config, dax_size=dax_size)
+    if dax_name:
+        config = dataclasses.replace(config, dax_name=dax_name)
+    if config.dax_name or config.dax_size:  # the Filesystem's own test for a window
+        config = dataclasses.replace(config, dax_mapper="channel")
+    return config
 
 
 async def _serve(conn: Connection, stats_interval: float) -> None:
@@ -473,8 +458,12 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
     """
     try:
         config.root = check_root(config.root)
-        if dax_size:
-            _dax_window(dax_name, dax_size).close()  # a bad name or size: say so now
+        config = virtiofs_config(config, dax_name, dax_size)
+        if config.dax_name or config.dax_size:
+            # Each session makes its window; a bad name or size is said now, once.
+            from runtime.filesystem import Filesystem
+
+            Filesystem._make_dax_window(config).close()
         listener = bind_socket(socket_path)
     except (ConfigError, SocketInUse, ValueError) as exc:
         print(f"actorfs: {exc}", file=sys.stderr)
@@ -490,8 +479,7 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
         while True:
             sock, _ = await loop.sock_accept(listener)
             log.info("frontend connected")
-            await serve_connection(config, sock, tag=tag, dax_name=dax_name, dax_size=dax_size,
-                                   stats_interval=stats_interval)
+            await serve_connection(config, sock, tag=tag, stats_interval=stats_interval)
             if once:
                 return 0
             task = asyncio.current_task()
