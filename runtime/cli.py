@@ -224,18 +224,30 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
     from runtime.server import MountedServer, ServerFailed
 
     server = MountedServer(config, mnt, allow_other=args.allow_other, queues=args.queues)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def request_stop() -> None:
+        stop.set()
+        server.request_stop()
+
+    # Installed before mounting, so a signal during start-up still unmounts;
+    # SIGHUP too: a closed terminal must not leave a dead mount behind.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, request_stop)
+    loop.add_signal_handler(signal.SIGUSR1, _print_stats, server)
     try:
         await server.start()
     except MountError as exc:
+        _remove_handlers(loop)
         return on_ready(None, str(exc)) or USER_ERROR
     except ServerFailed as exc:
+        _remove_handlers(loop)
         return on_ready(None, str(exc), 1) or 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    # SIGHUP too: a closed terminal must not leave a dead mount behind.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, _print_stats, server)
+    if not server.ready:  # a signal arrived while mounting
+        await server.stop()
+        _remove_handlers(loop)
+        return on_ready(None, "stopped by a signal before the mount was ready", 1) or 1
     ticker = None
     if args.stats_interval:
         ticker = asyncio.create_task(_stats_every(server, args.stats_interval))
@@ -249,8 +261,7 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
         if ticker is not None:
             ticker.cancel()
         await server.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
+        _remove_handlers(loop)
     if server.failure is not None:
         print(f"{PROG}: server failed: {server.reason}: {server.failure}", file=sys.stderr)
         with contextlib.suppress(BaseException):
@@ -259,6 +270,11 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
     with contextlib.suppress(BaseException):
         await waiter
     return 0
+
+
+def _remove_handlers(loop) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        loop.remove_signal_handler(sig)
 
 
 async def _stats_every(server, seconds: float) -> None:

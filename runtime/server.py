@@ -94,7 +94,8 @@ class MountedServer:
             exc = self._task.exception()
             if exc is not None:
                 raise exc
-            raise ServerFailed(f"the mount on {self.mountpoint} ended before it was ready")
+            if not self._stop_requested.is_set():
+                raise ServerFailed(f"the mount on {self.mountpoint} ended before it was ready")
         return self
 
     @property
@@ -117,6 +118,10 @@ class MountedServer:
         if self.failure is not None:
             raise ServerFailed(f"{self.reason}: {self.failure!r}") from self.failure
         return self.reason or "stopped"
+
+    def request_stop(self) -> None:
+        """Ask the server to stop (safe from a signal handler); `stop()` also waits."""
+        self._stop_requested.set()
 
     async def stop(self) -> None:
         """Unmount, drain in-flight requests, close every fd, stop the actors."""
@@ -193,9 +198,10 @@ class MountedServer:
         run = asyncio.create_task(transport.run(), name="fuse:transport")
         try:
             await self._until_ready(transport, run)
-            self.started_at = time.monotonic()
-            log.info("serving %s on %s", fs.root_path, m.mountpoint)
-            await self._until_end(fs, transport)
+            if self._ready.is_set():
+                self.started_at = time.monotonic()
+                log.info("serving %s on %s", fs.root_path, m.mountpoint)
+                await self._until_end(fs, transport)
         finally:
             # Cancellation of this task (the embedding loop shutting down) must
             # still unmount and close: do it under a shield.
@@ -209,7 +215,9 @@ class MountedServer:
         finally:
             ready.cancel()
             stop.cancel()
-        if not transport.ready.is_set() and not self._stop_requested.is_set():
+        if not transport.ready.is_set():
+            if self._stop_requested.is_set():
+                return  # stopped while starting: straight to the teardown
             why = transport.error or transport.end_reason or "no FUSE_INIT"
             raise ServerFailed(f"the kernel did not accept FUSE_INIT on {self.mountpoint}: {why}")
         self._ready.set()

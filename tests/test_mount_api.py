@@ -193,3 +193,15 @@ async def test_a_fatal_actor_crash_unmounts_and_nothing_hangs(dirs):
         assert isinstance(server.failure, RuntimeError)
     finally:
         await server.stop()
+
+
+async def test_stop_requested_while_mounting(dirs):
+    src, mnt = dirs
+    server = MountedServer(FsConfig(root=str(src)), str(mnt))
+    starting = asyncio.create_task(server.start())
+    await asyncio.sleep(0)
+    server.request_stop()  # e.g. SIGTERM during start-up
+    await asyncio.wait_for(starting, 30)  # returns, does not raise
+    await server.stop()
+    assert not server.ready and server.reason == "stopped"
+    assert not is_mounted(mnt)
