@@ -157,3 +157,26 @@ def test_format_stats_of_an_idle_server():
 
 def test_fusermount_option_escaping():
     assert fuse_mount._escape_opt("actorfs:/a,b\\c") == "actorfs:/a\\,b\\\\c"
+
+
+@pytest.mark.timeout(60)
+def test_serve_listens_and_sigterm_removes_the_socket(tree):
+    import signal
+    import time
+
+    sock = tree / "vhost.sock"
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--socket", str(sock),
+                          str(tree / "src")], cwd=REPO, env=env(), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.is_socket() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert sock.is_socket(), p.stderr.read() if p.poll() is not None else "no socket"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        assert not sock.exists()
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
