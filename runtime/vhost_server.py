@@ -477,16 +477,23 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
     log.info("waiting for a vhost-user frontend on %s", socket_path)
     try:
         while True:
-            sock, _ = await loop.sock_accept(listener)
-            log.info("frontend connected")
-            await serve_connection(config, sock, tag=tag, stats_interval=stats_interval)
-            if once:
-                return 0
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                # A cancel that landed during the teardown was absorbed on the way
-                # (the supervisor's task group): honour it instead of accepting again.
+                # A cancel that landed during a teardown was absorbed on the way
+                # (a task group): honour it instead of accepting again.
                 raise asyncio.CancelledError
+            sock, _ = await loop.sock_accept(listener)
+            log.info("frontend connected")
+            try:
+                await serve_connection(config, sock, tag=tag, stats_interval=stats_interval)
+            except Exception as exc:  # e.g. the session could not start: say so, go on
+                log.exception("the connection failed")
+                if once:
+                    print(f"actorfs: serving the frontend failed: {exc}", file=sys.stderr)
+                    return 1
+                continue
+            if once:
+                return 0
     finally:
         listener.close()
         _remove_socket(socket_path, ino)
