@@ -191,8 +191,14 @@ class MountedServer:
             )
         )
         self.mount_info = m
-        self.dispatcher = Dispatcher(fs, "fuse", self.max_in_flight)
-        transport = self.transport = FuseTransport(m.fd, self.dispatcher, queues=self.queues)
+        try:
+            self.dispatcher = Dispatcher(fs, "fuse", self.max_in_flight)
+            transport = self.transport = FuseTransport(m.fd, self.dispatcher, queues=self.queues)
+        except BaseException:
+            os.close(m.fd)  # the only fd: closing it aborts the connection
+            with contextlib.suppress(MountError):
+                fuse_mount.unmount(m.mountpoint, by_fusermount=m.by_fusermount)
+            raise
         if fs.watcher is not None:
             fs.watcher.set_notifier(transport.notifier)
         run = asyncio.create_task(transport.run(), name="fuse:transport")
