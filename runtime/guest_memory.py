@@ -143,9 +143,3 @@ class GuestMemory:
                 start = uaddr - r.user_addr
                 return r.view[start:start + length]
         raise GuestMemoryError(f"frontend address {uaddr:#x}+{length:#x} is not in one region")
-
-    def user_to_guest(self, uaddr: int) -> int:
-        for r in self.regions:
-            if r.user_addr <= uaddr < r.user_addr + r.size:
-                return r.guest_addr + (uaddr - r.user_addr)
-        raise GuestMemoryError(f"frontend address {uaddr:#x} is outside guest memory")

@@ -142,7 +142,6 @@ class Virtqueue:
         self.broken = False
         self.event_idx = False
         self.generation = 0  # bumped on every stop/reset: late replies are dropped
-        self.inflight = 0
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
