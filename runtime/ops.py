@@ -126,21 +126,49 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
 def _check_contained(pfd: int, name: bytes, root: bytes) -> None:
     """EACCES if the symlink parent/name resolves to an object outside the root.
 
-    Resolution is done by the kernel (open following the link) and the result
-    named through /proc/self/fd, so the check is about the object actually
-    reached, not string games. A broken or looping link is allowed (as the
-    reference does): it cannot be used to reach anything.
+    The kernel resolves the link, but beneath the root only (openat2 with
+    RESOLVE_BENEATH from the root, along the parent's current path): a step
+    that would leave the root (an absolute target, ".." above it) fails there,
+    so no host object outside the root is ever looked at. A plain open would
+    walk anywhere on the host, this server's own mount included, where each
+    hop holds a pool thread waiting for a reply that needs another one (links
+    pointing at each other through the mountpoint deadlocked the server). An
+    absolute target spelled with the root's own path is resolved beneath it.
+    A broken or looping link is allowed (as the reference does): the server
+    never follows a link, so it cannot be used to reach anything.
     """
+    base = root.rstrip(b"/")
+    prefix = base + b"/"
     try:
-        tfd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd)
+        target = os.readlink(name, dir_fd=pfd)
+        parent = os.readlink(proc_fd(pfd))
     except OSError:
         return
+    if target.startswith(b"/"):
+        if target.rstrip(b"/") == base:
+            return  # the root itself
+        if not target.startswith(prefix):
+            raise FsError(errno.EACCES, "symlink points outside the root")
+        rel = target[len(prefix) :]
+    elif parent.rstrip(b"/") == base:
+        rel = name
+    elif parent.startswith(prefix):
+        rel = parent[len(prefix) :] + b"/" + name
+    else:
+        return  # the parent left the root (or was deleted): nothing is served through it
+    rfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        real = os.readlink(proc_fd(tfd))
+        tfd = syscalls.openat2(
+            rfd, rel, os.O_PATH | os.O_CLOEXEC,
+            syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS,
+        )  # fmt: skip
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise FsError(errno.EACCES, "symlink points outside the root") from None
+        return  # broken, looping, or changed meanwhile
     finally:
-        os.close(tfd)
-    if real != root and not real.startswith(root.rstrip(b"/") + b"/"):
-        raise FsError(errno.EACCES, "symlink points outside the root")
+        os.close(rfd)
+    os.close(tfd)
 
 
 def _own_new(fd: int, pst: os.stat_result, ctx: RequestContext, euid: int, egid: int) -> None:

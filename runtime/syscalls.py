@@ -17,6 +17,14 @@ AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
+# openat2(2): resolve flags (linux/openat2.h); the syscall number is 437 on
+# every architecture (asm-generic table).
+SYS_openat2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -56,3 +64,17 @@ def utimensat(dirfd: int, path: bytes | None, atime: tuple[int, int], mtime: tup
     """atime/mtime are (sec, nsec); nsec may be UTIME_NOW or UTIME_OMIT."""
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
     _check(_libc.utimensat(dirfd, path, times, flags), "utimensat")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): open with RESOLVE_* restrictions on how the path is walked."""
+    how = _OpenHow(flags, mode, resolve)
+    rc = _libc.syscall(
+        ctypes.c_long(SYS_openat2), ctypes.c_int(dirfd), ctypes.c_char_p(path),
+        ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+    )  # fmt: skip
+    return _check(rc, "openat2")
