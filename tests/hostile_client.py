@@ -473,6 +473,8 @@ class RandomRequests:
         r = self.rng
         if opcode is None:
             opcode = r.choice(sorted(P.REQUESTS))
+            if opcode == P.FUSE_DESTROY and r.random() < 0.9:
+                opcode = P.FUSE_LOOKUP  # DESTROY ends the session: rarely, or little else runs
         _, layout, tail = P.REQUESTS[opcode]
         h = P.InHeader(nodeid=self.nodeid(), uid=os.geteuid(), gid=os.getegid(), pid=1)
         kw: dict = {}

@@ -472,3 +472,66 @@ while True:
     with mounted(src, mnt):
         p = in_mount(f"print(len(open({str(mnt / 'log')!r}, 'rb').read().splitlines()))")
         assert int(p.stdout) == len(data)
+
+
+def _abort(mnt) -> None:
+    from runtime.fuse_mount import abort_connection, find_connection
+
+    with contextlib.suppress(Exception):
+        abort_connection(find_connection(str(mnt)))
+
+
+@needs_mount
+@pytest.mark.mount
+@pytest.mark.parametrize("policy", ["opaque", "deny"])
+def test_symlinks_into_the_mount_itself_do_not_deadlock_the_server(tmp_path, policy):
+    """Two links that point at each other through the mountpoint (a -> MNT/b, b -> MNT/a).
+    Checking where a link leads must not make the server resolve host paths outside its
+    root: through its own mount, each hop would hold a pool thread waiting for a reply
+    that needs another pool thread, until none is left and every request hangs."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "plain").write_text("still served")
+    os.symlink(mnt / "b", src / "a")
+    os.symlink(mnt / "a", src / "b")
+    os.symlink(mnt / "plain", src / "c")
+    m = mount_util.CliMount(src, mnt, "--symlinks", policy)
+    m.start()
+    try:
+        code = f"""
+import os
+for n in ("a", "b", "c"):
+    try:
+        os.lstat({str(mnt)!r} + "/" + n)
+        print(n, "ok")
+    except OSError as e:
+        print(n, e.errno)
+print(open({str(mnt / 'plain')!r}).read())
+"""
+        client = subprocess.Popen(["python3", "-c", code], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            out, err = client.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            _abort(mnt)  # a client stuck on a dead FUSE request is unkillable until then
+            client.kill()
+            client.communicate(timeout=30)
+            raise AssertionError("the server deadlocked resolving links through its own mount") from None
+        lines = out.splitlines()
+        assert lines and lines[-1] == "still served", out + err
+        # lstat of a link is answered (as a link, or refused by policy), never hangs
+        for line in lines[:3]:
+            assert line.split()[1] in ("ok", str(errno.EACCES)), line
+    finally:
+        if m.proc.poll() is None and not _responsive(mnt):
+            _abort(mnt)
+        m.stop()
+
+
+def _responsive(mnt) -> bool:
+    try:
+        subprocess.run(["stat", str(mnt)], capture_output=True, timeout=10)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
