@@ -283,6 +283,11 @@ class Watcher(Actor):
 
     def _adopt(self, nodeid, wd, is_dir, parent, name) -> None:
         """Record a kernel watch `wd` as nodeid's (within our bound)."""
+        old = self._by_nodeid.get(nodeid)
+        if old is not None and old.wd != wd and self._by_wd.get(old.wd) == nodeid:
+            # The kernel dropped nodeid's old watch (its IN_IGNORED is still
+            # queued) and a new one was made: forget the old descriptor.
+            del self._by_wd[old.wd]
         prev = self._by_wd.get(wd)
         if prev is not None and prev != nodeid:
             # The same host inode under a new nodeid (the old one is being
@@ -333,12 +338,15 @@ class Watcher(Actor):
         nodeid = self._by_wd.get(wd)
         if nodeid is None:
             return  # a watch we already dropped
-        w = self._by_nodeid[nodeid]
+        w = self._by_nodeid.get(nodeid)
         if mask & inotify.IN_IGNORED:  # the kernel removed the watch
             del self._by_wd[wd]
-            del self._by_nodeid[nodeid]
-            self.watches_removed += 1
+            if w is not None and w.wd == wd:
+                del self._by_nodeid[nodeid]
+                self.watches_removed += 1
             return
+        if w is None or w.wd != wd:
+            return  # the nodeid has a newer watch; this one is on its way out
         if name is None:  # the watched inode itself
             if mask & _CONTENT:
                 self._mark(b.inodes, nodeid, True)
@@ -464,7 +472,10 @@ class Watcher(Actor):
                 return  # stopped
             if batch is not None:
                 self.batches += 1
-                await self._deliver(batch)
+                try:
+                    await self._deliver(batch)
+                except Exception:  # never let one bad batch end all notices
+                    log.exception("watcher: delivering a batch of notices failed")
 
     async def _child(self, parent: int, name: bytes) -> int | None:
         if self.inodes is None:
@@ -531,6 +542,10 @@ class Watcher(Actor):
             if child is not None:
                 inodes[child] = inodes.get(child, False) or data
         n = b.notifier
+        if n is None:  # nobody to tell: count, and spare the entry checks
+            self.undelivered["inval_inode"] += len(inodes)
+            self.undelivered["inval_entry"] += len(entries) + len(b.rechecks)
+            return
         calls: list[tuple] = []
         for nodeid, data in inodes.items():
             calls.append(("inval_inode", nodeid, 0 if data else -1, 0))
@@ -560,18 +575,14 @@ class Watcher(Actor):
                 calls.append(("inval_entry", parent, name))
         if later:
             self.tell(self._recheck, later)
-        if n is None:
-            for call in calls:
-                self.undelivered[call[0]] += 1
-            return
         if inspect.iscoroutinefunction(getattr(n, "inval_inode", None)):
             results = []
             for call in calls:
-                r = _notify(n, call)
-                results.extend(_with_fallback(n, call, await r if inspect.isawaitable(r) else r))
-            for i, (kind, r) in enumerate(results):  # a fallback INVAL_ENTRY, if any
-                if inspect.isawaitable(r):
-                    results[i] = (kind, await r)
+                ok = await _notify_async(n, call)
+                results.append((call[0], ok))
+                if call[0] == "delete" and ok is False:  # see _with_fallback
+                    fallback = ("inval_entry", call[1], call[3])
+                    results.append(("inval_entry", await _notify_async(n, fallback)))
         else:
             self._inflight = self._executor.submit(_notify_all, n, calls)
             results = await asyncio.wrap_future(self._inflight)
@@ -635,6 +646,18 @@ def _notify(n, call: tuple):
         return getattr(n, kind)(*args)
     except Exception as exc:  # a broken transport must not kill the watcher
         log.debug("notify %s%r failed: %r", kind, tuple(args), exc)
+        return False
+
+
+async def _notify_async(n, call: tuple):
+    """One notice through a coroutine notifier; False if it failed."""
+    r = _notify(n, call)
+    if not inspect.isawaitable(r):
+        return r
+    try:
+        return await r
+    except Exception as exc:
+        log.debug("notify %r failed: %r", call, exc)
         return False
 
 

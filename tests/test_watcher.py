@@ -461,3 +461,21 @@ async def test_stop_with_queued_watches_closes_their_fds(tmp_path):
         fs.watcher.watch(7, fd, False)  # stopped: refused here, fd closed
         await until(lambda: not fs.watcher.running, "stopped")
         assert watcher_fds() <= fds
+
+
+async def test_a_failing_notifier_is_counted_and_does_not_stop_the_notices(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+
+    class Broken(Recorder):
+        async def inval_inode(self, nodeid, off=0, length=0):
+            await super().inval_inode(nodeid, off, length)
+            raise OSError(5, "transport gone")
+
+    rec = Broken()
+    async with watched_fs(tmp_path, rec) as fs:
+        f = await lookup(fs, FUSE_ROOT_ID, b"f", watch=True)
+        (tmp_path / "f").write_bytes(b"1")
+        await until(lambda: fs.watcher.stats()["undelivered"]["inval_inode"] >= 1, "counted")
+        (tmp_path / "new").write_bytes(b"")  # later notices still go out
+        await until(lambda: ("inval_entry", FUSE_ROOT_ID, b"new") in rec.calls, "next notice")
+        assert rec.inode(f)
