@@ -10,10 +10,11 @@ each file it opens or maps; the watcher turns inotify events into notices:
   drops the attributes and every cached page;
 - attribute change (IN_ATTRIB): INVAL_INODE(nodeid, -1, 0), attributes only
   (a negative offset leaves the pages alone);
-- a name created, deleted or moved in a watched directory: INVAL_ENTRY(parent,
-  name), or DELETE(parent, child, name) for a deletion whose child nodeid is
-  known (falling back to INVAL_ENTRY when the kernel refuses it), plus the
-  directory's own attributes and readdir cache.
+- a name created, deleted or moved in a watched directory: the directory's own
+  attributes and readdir cache, and INVAL_ENTRY(parent, name) unless the name
+  still leads to the inode the client knows there (the echo of the client's own
+  create, mkdir or rename); DELETE(parent, child, name) instead when that inode
+  has no link left (falling back to INVAL_ENTRY when the kernel refuses it).
 
 INVAL_ENTRY is never sent for a plain attribute or content change: it makes the
 kernel drop the dentry, and a mount stacked on that dentry would then be
