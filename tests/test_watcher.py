@@ -479,3 +479,22 @@ async def test_a_failing_notifier_is_counted_and_does_not_stop_the_notices(tmp_p
         (tmp_path / "new").write_bytes(b"")  # later notices still go out
         await until(lambda: ("inval_entry", FUSE_ROOT_ID, b"new") in rec.calls, "next notice")
         assert rec.inode(f)
+
+
+async def test_the_kernel_dropping_a_watch_drops_ours(tmp_path):
+    """A deleted inode nobody pins: IN_DELETE_SELF then IN_IGNORED end the watch."""
+    (tmp_path / "doomed").write_bytes(b"")
+    rec = Recorder()
+    w = Watcher(None, rec, window=0.01)  # no inode table: nothing pins the file
+    task = asyncio.create_task(w.run())
+    try:
+        assert w.watch(42, os.open(tmp_path / "doomed", os.O_PATH), False, 7, b"doomed")
+        assert 42 in await w.watched()
+        os.unlink(tmp_path / "doomed")
+        await until(lambda: w.stats()["watches_active"] == 0, "watch dropped")
+        await until(lambda: ("inval_entry", 7, b"doomed") in rec.calls, "its name dropped")
+        assert w.stats()["watches_removed"] == 1
+    finally:
+        w.stop()
+        await task
+        w.close()
