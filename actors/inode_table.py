@@ -130,6 +130,10 @@ class InodeTable(Actor):
     async def child(self, parent: int, name: bytes) -> int | None:
         return await self.ask(self._child, parent, name)
 
+    async def children(self, parent: int) -> list[tuple[bytes, int]]:
+        """The (name, nodeid) pairs the client knows in directory `parent`."""
+        return await self.ask(lambda: list(self._kids.get(parent, {}).items()))
+
     async def counts(self) -> dict:
         return await self.ask(self._counts)
 
