@@ -72,7 +72,22 @@ def alive(m, mnt) -> None:
     assert p.returncode == 0, p.stderr
 
 
-@pytest.mark.parametrize("stressor", sorted(STRESSORS))
+# Known server bugs these stressors expose (see docs/RELIABILITY.md, "Open findings").
+EINTR_CAUSE = (
+    "the dispatcher answers FUSE_INTERRUPT of GETATTR/GETXATTR/ACCESS... with EINTR, which "
+    "reaches programs as EINTR from lstat/getxattr (stress-ng's timer signal)"
+)
+OPAQUE_CAUSE = (
+    "policy opaque refuses LOOKUP (EACCES) of links whose target is outside the root; a "
+    "client's absolute links name client-side paths, so it cannot lstat, unlink or rename "
+    "the links it made (stress-ng cannot clean up)"
+)
+MARKS = {"symlink": pytest.mark.xfail(strict=True, reason=OPAQUE_CAUSE)}
+
+
+@pytest.mark.parametrize(
+    "stressor", [pytest.param(s, marks=MARKS.get(s, ())) for s in sorted(STRESSORS)]
+)
 def test_stress_ng(mount, stressor):
     src, mnt, m = mount
     work = mnt / stressor
@@ -83,6 +98,8 @@ def test_stress_ng(mount, stressor):
     )  # fmt: skip
     out = p.stdout + p.stderr
     alive(m, mnt)
+    if p.returncode != 0 and "errno=4 (Interrupted system call)" in out:
+        pytest.xfail(EINTR_CAUSE)  # only this exact, known cause; anything else fails
     assert p.returncode == 0 and "unsuccessful" not in out, out[-4000:]
     # stress-ng cleans up after itself: nothing it made is left, on either side
     assert sorted(os.listdir(work)) == sorted(os.listdir(src / stressor)) == []
@@ -217,6 +234,7 @@ print(calls, eintr)
 """
 
 
+@pytest.mark.xfail(strict=True, reason=EINTR_CAUSE)
 def test_signals_do_not_surface_as_eintr_from_stat_getxattr_access(mount):
     """stat(2), getxattr(2) and access(2) never fail with EINTR on a local filesystem,
     and programs do not expect it (stress-ng's xattr stressor fails on it). A signal
