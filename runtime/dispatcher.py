@@ -26,6 +26,7 @@ import importlib
 import inspect
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from types import ModuleType
 from typing import Any
 
 from runtime import protocol as P
-from runtime.attrs import RequestContext
+from runtime.attrs import Attr, Entry, RequestContext
 from runtime.errno_map import FsError, linux_errno_of
 from runtime.stats import Stats
 
@@ -89,6 +90,9 @@ INTERRUPTIBLE = frozenset(
     }
 )
 
+# How long an interruptible request may run before an INTERRUPT abandons it.
+INTERRUPT_GRACE = 0.25
+
 # Replied ENOSYS without running anything: the kernel then stops asking (or,
 # for locks, never asks: we do not advertise them) and falls back.
 ENOSYS_OPCODES = frozenset(
@@ -105,6 +109,8 @@ ENOSYS_OPCODES = frozenset(
     }
 )
 
+_NO_ATTR = Attr(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
 # Pseudo-opcodes for stats of frames that never reached an op.
 STAT_INVALID = -1
 
@@ -118,13 +124,14 @@ _STACKING_FS = {0x794C7630: 1, 0xF15F: 1}  # overlayfs, ecryptfs
 class _Flight:
     """One request in flight: its task and whether an INTERRUPT hit it."""
 
-    __slots__ = ("opcode", "task", "started", "interrupted")
+    __slots__ = ("opcode", "task", "started", "interrupted", "born")
 
     def __init__(self, opcode: int):
         self.opcode = opcode
         self.task: asyncio.Task | None = None
         self.started = False
         self.interrupted = False
+        self.born = time.monotonic()
 
 
 @dataclass(slots=True)
@@ -278,18 +285,22 @@ class Dispatcher:
                 self._stats.record(opcode, perf_counter_ns() - t0, False)
                 return
             self._stats.record(opcode, perf_counter_ns() - t0, True)
-            await self._send(send, P.reply_error(unique, errno.ENOSYS))
+            # IOCTL: ENOTTY is what isatty() and friends expect of a regular file.
+            err = errno.ENOTTY if opcode == P.FUSE_IOCTL else errno.ENOSYS
+            await self._send(send, P.reply_error(unique, err))
             return
         await self._slots.acquire()
         self._in_flight += 1
         self._idle.clear()
         flight = _Flight(opcode)
-        if self._orphans and unique in self._orphans:
+        orphan = bool(self._orphans) and unique in self._orphans
+        if orphan:
             del self._orphans[unique]
-            flight.interrupted = opcode in INTERRUPTIBLE
         task = asyncio.get_running_loop().create_task(self._run(handler, req, send, t0, flight))
         flight.task = task
         self._tasks[unique] = flight
+        if orphan:
+            self._interrupt_flight(unique, flight)
         # Bookkeeping in a done callback: it runs even for a task cancelled
         # before its first step (shutdown), which never enters _run's body.
         task.add_done_callback(lambda _t: self._finished(unique, flight))
@@ -401,13 +412,31 @@ class Dispatcher:
             if len(self._orphans) > _ORPHAN_INTERRUPTS:
                 self._orphans.popitem(last=False)
             return
+        self._interrupt_flight(target, flight)
+
+    def _interrupt_flight(self, target: int, flight: _Flight) -> None:
         if flight.opcode not in INTERRUPTIBLE or flight.interrupted:
+            return
+        # The kernel sends INTERRUPT whenever the waiting process gets a signal
+        # (SIGCHLD, SIGALRM...). A request that is merely quick is left to
+        # finish: a kernel filesystem's stat or read does not fail with EINTR
+        # because a signal arrived. Only a request still running after the
+        # grace period is really stuck, and that one is abandoned with EINTR.
+        age = time.monotonic() - flight.born
+        if age < INTERRUPT_GRACE:
+            asyncio.get_running_loop().call_later(
+                INTERRUPT_GRACE - age, self._interrupt_late, target, flight
+            )
             return
         flight.interrupted = True
         # A task that has not started yet sees the flag on entry; cancelling
         # it now would skip its body, and with it the EINTR reply.
         if flight.started and flight.task is not None:
             flight.task.cancel()
+
+    def _interrupt_late(self, target: int, flight: _Flight) -> None:
+        if self._tasks.get(target) is flight and flight.task is not None and not flight.task.done():
+            self._interrupt_flight(target, flight)
 
     # -- INIT -----------------------------------------------------------------
 
@@ -571,7 +600,17 @@ class Dispatcher:
         return opened
 
     async def _lookup(self, r: Any) -> list:
-        e = await self.ops.lookup(self.fs, self._ctx(r), r.h.nodeid, r.name)
+        try:
+            e = await self.ops.lookup(self.fs, self._ctx(r), r.h.nodeid, r.name)
+        except (FsError, OSError) as exc:
+            timeout = self.fs.config.entry_timeout
+            if timeout <= 0 or linux_errno_of(exc) != errno.ENOENT:
+                raise
+            # A negative entry (nodeid 0): the kernel caches "no such name" for
+            # the entry timeout instead of asking again on every miss (PATH
+            # searches, build tools probing). The watcher invalidates it when the
+            # name appears on the host.
+            e = Entry(0, 0, _NO_ATTR, timeout, 0.0)
         return P.reply_entry(r.h.unique, e)
 
     async def _forget(self, r: Any) -> None:
