@@ -79,10 +79,14 @@ def parse_size(text: str) -> int:
 
 def _add_fs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symlinks", choices=SYMLINK_POLICIES, default="opaque",
-                   help="how symlinks are served: opaque (as links), follow (inside the root), deny")  # fmt: skip
+                   help="opaque: served as links, those leading out of the root refused (default); "
+                        "follow: served as their targets, even outside the root; "
+                        "deny: as opaque, and no new symlinks or hard links")  # fmt: skip
     p.add_argument("--cache", choices=CACHE_MODES, default="auto",
                    help="client caching: never (direct I/O), auto (1 s), always (host changes watched)")  # fmt: skip
     p.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    p.add_argument("--no-watch", dest="watch", action="store_false",
+                   help="do not watch the host for changes (no cache invalidation notices)")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
     p.add_argument("--stats-interval", type=_positive_float, metavar="N",
                    help="print request statistics to stderr every N seconds")  # fmt: skip
@@ -132,6 +136,7 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         writeback=getattr(args, "writeback", False),
         passthrough=getattr(args, "passthrough", False),
         read_only=args.read_only,
+        watch=getattr(args, "watch", True),
     )
 
 
