@@ -24,6 +24,7 @@ import tempfile
 from runtime import fuse_mount
 from runtime.filesystem import CACHE_MODES, SYMLINK_POLICIES, ConfigError, FsConfig, check_root
 from runtime.fuse_mount import MountError
+from runtime.limits import apply_fd_caps, raise_nofile_limit
 
 PROG = "actorfs"
 USER_ERROR = 2
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args: argparse.Namespace, root: str) -> FsConfig:
-    return FsConfig(
+    config = FsConfig(
         root=root,
         symlinks=args.symlinks,
         cache=args.cache,
@@ -138,6 +139,8 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         read_only=args.read_only,
         watch=getattr(args, "watch", True),
     )
+    apply_fd_caps(config)  # EMFILE from the caps before the process runs out of fds
+    return config
 
 
 def setup_logging(debug: bool) -> None:
@@ -482,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return USER_ERROR
+        raise_nofile_limit()  # one fd per live inode and open file: take what is allowed
         return COMMANDS[args.command](args)
     except (UserError, MountError, ConfigError) as exc:
         return fail(str(exc))

@@ -35,22 +35,26 @@ def nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def fd_caps(nofile: int | None = None, max_in_flight: int = 256) -> tuple[int, int]:
+def fd_caps(
+    nofile: int | None = None, max_in_flight: int = 256, fds_per_inode: int = 1
+) -> tuple[int, int]:
     """(max_inodes, max_handles) that fit in `nofile` fds with a reserve kept free.
 
     The reserve covers two dups per request in flight plus a fixed 64 for the
-    transport, the watcher, the pool and the interpreter; it never takes more
-    than half the limit. The rest is split 3:1 between inodes and handles.
+    transport, the pool and the interpreter; it never takes more than half the
+    limit. The rest is split 3:1 between inodes and handles; `fds_per_inode`
+    is 2 when the watcher keeps its own dup of each watched inode's fd.
     """
     n = nofile_limit() if nofile is None else nofile
     reserve = min(2 * max_in_flight + 64, n // 2)
     budget = max(n - reserve, 2)
-    inodes = max(budget * 3 // 4, 1)
-    return inodes, max(budget - inodes, 1)
+    inodes = max(budget * 3 // 4 // max(fds_per_inode, 1), 1)
+    return inodes, max(budget - inodes * max(fds_per_inode, 1), 1)
 
 
 def apply_fd_caps(config, max_in_flight: int = 256) -> None:
     """Lower config.max_inodes / max_handles to what RLIMIT_NOFILE allows (never raise them)."""
-    inodes, handles = fd_caps(None, max_in_flight)
+    per_inode = 2 if getattr(config, "watch", False) else 1
+    inodes, handles = fd_caps(None, max_in_flight, per_inode)
     config.max_inodes = min(config.max_inodes, inodes)
     config.max_handles = min(config.max_handles, handles)

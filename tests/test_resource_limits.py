@@ -72,9 +72,10 @@ def test_raise_nofile_limit_is_idempotent_here():
 
 def test_fd_caps_leave_a_reserve():
     for nofile in (64, 400, 1024, 20000, 1 << 20):
-        inodes, handles = fd_caps(nofile, max_in_flight=256)
-        assert inodes >= 1 and handles >= 1
-        assert inodes + handles <= nofile - min(2 * 256 + 64, nofile // 2)
+        for per_inode in (1, 2):
+            inodes, handles = fd_caps(nofile, max_in_flight=256, fds_per_inode=per_inode)
+            assert inodes >= 1 and handles >= 1
+            assert inodes * per_inode + handles <= nofile - min(2 * 256 + 64, nofile // 2)
     cfg = FsConfig(root="/")
     apply_fd_caps(cfg)
     assert cfg.max_inodes + cfg.max_handles < resource.getrlimit(resource.RLIMIT_NOFILE)[0]
