@@ -534,3 +534,68 @@ async def test_open_of_a_fifo_never_blocks_a_pool_thread(area, how):
         err = task.result()[0]
         assert err < 0
         await settle_and_check(fs, client, fds)
+
+
+# -- the same hostile guest over virtio-fs (vhost-user, the test frontend) -------------------------
+
+
+def test_random_frames_from_a_guest_over_virtio_fs(area):
+    """Random frames in well-formed descriptor chains through the vhost-user backend: every
+    chain comes back in the used ring (a reply, or empty for FORGET & co.), replies carry the
+    right unique and length, and the canary beside the root is untouched."""
+    test_vhost_user = pytest.importorskip("test_vhost_user")
+    from hostile_client import Books, expected_replies
+    from vhost_frontend import Frontend
+
+    from runtime.vhost_server import serve_vhost_user
+
+    root, canary = area
+    plant(root, canary)
+    path = str(root.parent / "fs.sock")
+    server = test_vhost_user.BackendThread(
+        lambda: serve_vhost_user(FsConfig(root=str(root)), path)
+    )
+    test_vhost_user._wait_for(path)
+    fe = Frontend(path, mem_size=32 << 20)
+    books = Books()
+    gen = RandomRequests(random.Random("virtio"), books)
+    answered = returned_empty = 0
+    try:
+        fe.start(nqueues=2, size=128)
+        q = fe.queues[1]
+        test_vhost_user._init(q)
+        for _ in (b"d", b"f", b"s"):
+            error, reply = q.fuse(P.FUSE_LOOKUP, ROOT, _ + b"\0")
+            if not error:
+                books.lookups[struct.unpack_from("<Q", reply)[0]] += 1
+        for i in range(int(os.environ.get("ACTORFS_HOSTILE_VIRTIO_FRAMES", "1500"))):
+            frame = bytearray(gen.frame())
+            unique = 0x40000 + 2 * i
+            if len(frame) >= 16:
+                struct.pack_into("<Q", frame, 8, unique)
+            opcode, want = expected_replies(bytes(frame))
+            if opcode == P.FUSE_DESTROY and want:
+                continue  # a guest unmounting: covered by the vhost tests
+            mark = fe.brk
+            head, out = q.add_chain([bytes(frame) or b"\0"], [16, (1 << 20) + 4096])
+            ((used_id, used_len),) = q.wait_used(timeout=30)
+            assert used_id == head
+            if used_len:
+                data = b"".join(fe.read(gpa, n) for gpa, n in out)[:used_len]
+                length, error, got = struct.unpack_from("<IiQ", data)
+                assert length == used_len and -512 < error <= 0
+                if len(frame) >= 16 and want:
+                    assert got == unique
+                answered += 1
+                if not error and opcode == P.FUSE_LOOKUP:
+                    books.lookups[struct.unpack_from("<Q", data, 16)[0]] += 1
+            else:
+                returned_empty += 1
+            fe.brk = mark  # the chain is back: its guest memory can be reused
+        # the guest is still served normally
+        error, _ = q.fuse(P.FUSE_GETATTR, ROOT, struct.pack("<IIQ", 0, 0, 0))
+        assert error == 0
+    finally:
+        fe.close()
+        server.stop()
+    assert answered > 100 and returned_empty > 0
