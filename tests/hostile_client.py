@@ -217,9 +217,12 @@ class HostileClient:
         await self.ok(P.Init(major=7, minor=38, max_readahead=1 << 17, flags=flags, flags2=flags2))
 
     async def lookup(self, parent: int, name: bytes) -> tuple[int, int]:
-        """(error, nodeid)."""
+        """(error, nodeid). A negative entry (nodeid 0, cached ENOENT) counts as ENOENT."""
         err, payload = await self.call(P.Lookup(h=P.InHeader(nodeid=parent), name=name))
-        return err, (struct.unpack_from("<Q", payload)[0] if not err else 0)
+        nodeid = struct.unpack_from("<Q", payload)[0] if not err else 0
+        if not err and not nodeid:
+            return -errno.ENOENT, 0
+        return err, nodeid
 
     async def mkdir(self, parent: int, name: bytes, mode: int = 0o755) -> tuple[int, int]:
         err, payload = await self.call(P.Mkdir(h=P.InHeader(nodeid=parent), mode=mode, name=name))
