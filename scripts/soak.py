@@ -122,7 +122,7 @@ for n in list(model):
 print(json.dumps(counts), flush=True)
 """
 
-STRESSORS = ["dir", "dentry", "filename", "rename", "link", "chmod", "utime", "fallocate",
+STRESSORS = ["dir", "dentry", "filename", "rename", "link", "chmod", "utime", "fallocate", "xattr",
              "seek", "hdd", "readahead", "flock", "mmap"]  # fmt: skip
 
 
