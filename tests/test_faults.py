@@ -535,3 +535,56 @@ def _responsive(mnt) -> bool:
         return True
     except subprocess.TimeoutExpired:
         return False
+
+
+@needs_mount
+@pytest.mark.mount
+@pytest.mark.parametrize("policy", ["restart", "stop"])
+async def test_actor_failure_on_a_real_mount(tmp_path, policy):
+    """An actor crash while a real client works: the request caught in it gets EIO (not
+    silence); "restart" goes on serving, "stop" ends the server with the cause and
+    leaves no mount behind (the client then fails fast instead of hanging)."""
+    from runtime.server import ServerFailed, mount
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    for i in range(50):
+        (src / f"f{i}").write_text(str(i))
+    # the client runs in a subprocess: this loop is the one serving the mount
+    client_code = f"""
+import errno, os, sys
+errs = []
+for i in range(50):
+    try:
+        os.stat({str(mnt)!r} + "/f%d" % i)
+        errs.append(0)
+    except OSError as e:
+        errs.append(e.errno)
+print(" ".join(map(str, errs)))
+"""
+    server = await mount(FsConfig(root=str(src), cache="never"), str(mnt))
+    try:
+        server.fs.supervisor.policy = policy
+        server.fs.inodes.inject_crash = RuntimeError("injected inode table failure")
+        p = await asyncio.wait_for(asyncio.to_thread(
+            subprocess.run, ["python3", "-c", client_code], capture_output=True, text=True,
+            timeout=60), 90)  # fmt: skip
+        errs = [int(x) for x in p.stdout.split()]
+        assert len(errs) == 50, p.stderr
+        assert errno.EIO in errs  # the request caught in the crash
+        assert set(errs) <= {0, errno.EIO, errno.ENOTCONN, errno.ECONNABORTED}
+        assert "injected" in str(server.fs.supervisor.crashes[0][1])
+        if policy == "restart":
+            assert errs[-1] == 0 and server.ready
+            p = await asyncio.to_thread(subprocess.run, ["cat", f"{mnt}/f7"],
+                                        capture_output=True, text=True, timeout=30)  # fmt: skip
+            assert p.stdout == "7"
+        else:
+            with pytest.raises(ServerFailed) as ei:
+                await asyncio.wait_for(server.wait(), 30)
+            assert "injected" in str(ei.value.__cause__) or "injected" in str(ei.value)
+            assert not mount_util.is_mounted(mnt)
+    finally:
+        await server.stop()
+        mount_util.force_unmount(mnt)
