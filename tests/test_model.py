@@ -27,7 +27,8 @@ op = st.one_of(
     st.tuples(st.just("rename"), paths, paths),
     st.tuples(st.just("read"), paths),
     st.tuples(st.just("stat"), paths),
-    st.tuples(st.just("symlink"), paths, st.sampled_from(NAMES + ["../x", "/abs"])),
+    # Targets stay inside the root: escaping ones are refused by policy (test_safety).
+    st.tuples(st.just("symlink"), paths, st.sampled_from(NAMES + ["a/b"])),
     st.tuples(st.just("link"), paths, paths),
     st.tuples(st.just("list"), paths),
     st.tuples(st.just("append"), paths, data),
