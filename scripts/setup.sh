@@ -16,3 +16,5 @@ if ((${#missing[@]})); then
 fi
 modprobe fuse 2>/dev/null || true
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# The coverage-guided fuzzer (a short run is part of the tests).
+python3 -m pip install -q --disable-pip-version-check atheris
