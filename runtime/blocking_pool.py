@@ -7,6 +7,11 @@ threads and a bound on queued work: when the bound is reached, callers wait
 A job, once submitted, always runs to its end even if the awaiting request is
 cancelled (FUSE_INTERRUPT): jobs own the fds they were given and close them
 themselves, so a cancelled request can never close an fd a thread still uses.
+
+This is on every request's path, so a job costs one queue put, one thread
+wake-up and one call_soon_threadsafe back to the loop (which both frees the
+slot and settles the caller's future): no concurrent.futures.Future, no
+wrap_future chain, no shield.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from runtime.errno_map import FsError
 
 T = TypeVar("T")
+
+_STOP = None
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -31,14 +39,50 @@ def _close_all(fds: Sequence[int]) -> None:
             pass
 
 
+def _settle(
+    slots: asyncio.Semaphore, fut: asyncio.Future, result: Any, exc: BaseException | None
+) -> None:
+    """In the loop: free the slot and hand the outcome to the caller (if still waiting)."""
+    slots.release()
+    if fut.cancelled():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+def _worker(jobs: queue.SimpleQueue) -> None:
+    while True:
+        item = jobs.get()
+        if item is _STOP:
+            return
+        fn, args, fds, loop, fut, slots = item
+        result = exc = None
+        try:
+            result = fn(*args)
+        except BaseException as e:  # goes back to the caller
+            exc = e
+        finally:
+            if fds:
+                _close_all(fds)
+        try:
+            loop.call_soon_threadsafe(_settle, slots, fut, result, exc)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+        del item, fn, args, fut, result, exc
+
+
 class BlockingPool:
     def __init__(self, workers: int | None = None, max_queued: int | None = None):
         self.workers = workers or min(32, (os.cpu_count() or 2) * 4)
         self.max_queued = max_queued or self.workers * 8
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="actorfs-pool")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._slots: asyncio.Semaphore | None = None
         self.submitted = 0
         self._closed = False
+        self._lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.run_owning((), fn, *args)
@@ -46,34 +90,43 @@ class BlockingPool:
     async def run_owning(self, fds: Sequence[int], fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) in a pool thread, then close `fds` in that thread."""
         loop = asyncio.get_running_loop()
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_queued)
         slots = self._slots
+        if slots is None:
+            slots = self._slots = asyncio.Semaphore(self.max_queued)
         try:
             await slots.acquire()
         except BaseException:
             _close_all(fds)
             raise
-        if fds:
-
-            def job() -> T:
-                try:
-                    return fn(*args)
-                finally:
-                    _close_all(fds)
-        else:
-            job = fn if not args else (lambda: fn(*args))  # noqa: E731
-        try:
-            cf = self._executor.submit(job)
-        except RuntimeError:
+        if self._closed:
             slots.release()
             _close_all(fds)
-            raise FsError(errno.EIO, "blocking pool is shut down") from None
+            raise FsError(errno.EIO, "blocking pool is shut down")
+        if len(self._threads) < self.workers:
+            self._start_thread()
+        fut = loop.create_future()
+        self._jobs.put((fn, args, fds, loop, fut, slots))
         self.submitted += 1
-        cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(slots.release))
-        return await asyncio.shield(asyncio.wrap_future(cf, loop=loop))
+        return await fut
+
+    def _start_thread(self) -> None:
+        # One more thread per job until the pool is full, as ThreadPoolExecutor does.
+        with self._lock:
+            if self._closed or len(self._threads) >= self.workers:
+                return
+            t = threading.Thread(
+                target=_worker, args=(self._jobs,), daemon=True,
+                name=f"actorfs-pool_{len(self._threads)}",
+            )  # fmt: skip
+            t.start()
+            self._threads.append(t)
 
     def shutdown(self) -> None:
         """Wait for running work and join every thread (no thread left behind)."""
-        self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(_STOP)
+        for t in threads:
+            t.join()
