@@ -24,6 +24,7 @@ class Target:
     cache: str | None  # None: the plain directory (native)
     writeback: bool = False
     passthrough: bool = False
+    watch: bool = True  # False: a bench-only switch, to measure the watcher's cost
 
     @property
     def native(self) -> bool:
@@ -35,6 +36,8 @@ class Target:
             args.append("--writeback")
         if self.passthrough:
             args.append("--passthrough")
+        if not self.watch:
+            args.append("--bench-no-watch")
         return args
 
 

@@ -98,7 +98,7 @@ def _parallel_child(d: str, n: int, barrier, queue) -> None:
 
 def parallel(d: str, p: dict) -> dict:
     """p["procs"] processes doing the metadata workload, each in its own directory."""
-    n, procs = p["files"], p["procs"]
+    n, procs = p.get("par_files", p["files"]), p["procs"]
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(procs)
     queue = ctx.Queue()
