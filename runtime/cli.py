@@ -86,8 +86,11 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", choices=CACHE_MODES, default="auto",
                    help="client caching: never (direct I/O), auto (1 s), always (host changes watched)")  # fmt: skip
     p.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    p.add_argument("--watch", dest="watch", action="store_true", default=None,
+                   help="watch the host for changes and invalidate the client's caches "
+                        "(default: on with --cache always)")  # fmt: skip
     p.add_argument("--no-watch", dest="watch", action="store_false",
-                   help="do not watch the host for changes (no cache invalidation notices)")  # fmt: skip
+                   help="do not watch the host for changes")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
     p.add_argument("--stats-interval", type=_positive_float, metavar="N",
                    help="print request statistics to stderr every N seconds")  # fmt: skip
@@ -137,7 +140,7 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         writeback=getattr(args, "writeback", False),
         passthrough=getattr(args, "passthrough", False),
         read_only=args.read_only,
-        watch=getattr(args, "watch", True),
+        watch=getattr(args, "watch", None),
     )
     apply_fd_caps(config)  # EMFILE from the caps before the process runs out of fds
     return config

@@ -46,7 +46,11 @@ class FsConfig:
     dax_size: int = 0
     dax_mapper: str = "inprocess"
     dax_attach: bool = False  # attach an existing shm object instead of creating it
-    watch: bool = True  # watch host changes and invalidate the client's caches
+    # Watch host changes and invalidate the client's caches. None: only with
+    # cache "always", the one mode whose long timeouts rely on it (with "auto"
+    # the 1 s timeouts bound staleness, and the watcher's invalidations of the
+    # server's own changes cost more than they give: docs/BENCHMARKS.md).
+    watch: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class FsConfig:
             )
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"unknown cache mode {self.cache!r}: use one of {', '.join(CACHE_MODES)}")
+        if self.watch is None:
+            self.watch = self.cache == "always"
 
     @property
     def entry_timeout(self) -> float:
