@@ -124,6 +124,12 @@ class Actor:
     def stop(self) -> None:
         """Ask the run loop to end after the messages already queued."""
         self._stopped = True
+        if not self._running:
+            # A crashed (or never started) actor has no loop to read its mailbox:
+            # answer what is queued with EIO now rather than leave callers waiting.
+            # The _STOP still goes in: an actor whose task has not started yet
+            # reads it first and ends at once.
+            self._fail_pending()
         try:
             self._mailbox.put_nowait(_STOP)
         except asyncio.QueueFull:

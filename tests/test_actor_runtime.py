@@ -145,3 +145,27 @@ async def test_cancelled_request_never_closes_an_fd_a_thread_still_uses(tmp_path
     pool.shutdown()
     with pytest.raises(OSError):
         os.fstat(r)  # closed by the job when it finished
+
+
+async def test_stop_before_the_actor_task_starts_does_not_hang():
+    c = Counter()
+    sup = Supervisor()
+    async with sup.started([c]):
+        pass  # stopped before its task ran a single step
+    assert c.closed
+
+
+async def test_requests_queued_on_a_crashed_actor_get_eio_when_the_server_stops():
+    c = Counter()
+    sup = Supervisor(policy="stop")
+    async with sup.started([c]):
+        c.inject_crash = RuntimeError("boom")
+        first = asyncio.create_task(c.add(1))
+        await asyncio.sleep(0)
+        with pytest.raises(ActorStopped):
+            await first
+        # queued after the crash, before the supervisor stopped everything
+        late = asyncio.create_task(c.ask(c._add, 1))
+        await asyncio.wait_for(sup.failed.wait(), 5)
+        with pytest.raises(ActorStopped):
+            await asyncio.wait_for(late, 5)
