@@ -9,9 +9,10 @@ missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+export DEBIAN_FRONTEND=noninteractive
+# Always refresh the index: the guest test fetches a kernel package with apt-get download.
+apt-get update -qq
 if ((${#missing[@]})); then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 modprobe fuse 2>/dev/null || true
