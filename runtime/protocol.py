@@ -83,15 +83,17 @@ FUSE_REQUEST_TIMEOUT = 1 << 42
 # The kernel refuses a stack depth above FILESYSTEM_MAX_STACK_DEPTH.
 FILESYSTEM_MAX_STACK_DEPTH = 2
 
-# fuse_open_out.open_flags (FOPEN_PASSTHROUGH is 7.40).
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_NONSEEKABLE = 1 << 2
-FOPEN_CACHE_DIR = 1 << 3
-FOPEN_STREAM = 1 << 4
-FOPEN_NOFLUSH = 1 << 5
-FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
-FOPEN_PASSTHROUGH = 1 << 7
+# fuse_open_out.open_flags (FOPEN_PASSTHROUGH is 7.40): defined once, in runtime.attrs.
+from runtime.attrs import (  # noqa: E402, F401 (re-exported for protocol users)
+    FOPEN_CACHE_DIR,
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    FOPEN_NOFLUSH,
+    FOPEN_NONSEEKABLE,
+    FOPEN_PARALLEL_DIRECT_WRITES,
+    FOPEN_PASSTHROUGH,
+    FOPEN_STREAM,
+)
 
 FUSE_GETATTR_FH = 1 << 0
 FUSE_RELEASE_FLUSH = 1 << 0
