@@ -234,7 +234,8 @@ async def _check(sequence):
             counts = await fs.inodes.counts()
             assert counts["inodes"] == 1, counts
             assert await fs.handles.count() == 0
-        assert set(os.listdir("/proc/self/fd")) == fds_before
+        # no new fd (an older one from another test may be collected meanwhile)
+        assert set(os.listdir("/proc/self/fd")) <= fds_before
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

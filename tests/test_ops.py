@@ -234,7 +234,7 @@ async def test_forget_everything_leaves_only_root_and_no_fds(tmp_path):
         await ops.batch_forget(fs, counted)
         assert (await fs.inodes.counts())["inodes"] == 1
         assert await fs.handles.count() == 0
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
 
 
 async def test_readdir_offsets_are_stable_while_the_directory_changes(tmp_path):
@@ -426,4 +426,4 @@ async def test_destroy_resets_the_session(tmp_path):
         again = await ops.lookup(fs, CTX, ROOT, b"f")
         assert again.nodeid > e.nodeid
         await ops.forget(fs, again.nodeid, 1)
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
