@@ -105,7 +105,7 @@ async def test_actor_crash_beyond_restarts_stops_the_server_cleanly(tmp_path):
         late = [r.error for u in client.books.replies.values() for r in u][-40:]
         assert set(late) == {-errno.EIO}
     # leaving the context closed every fd the actors held and joined the pool
-    assert fd_count() == fds
+    assert fd_count() <= fds
     assert not [t for t in __import__("threading").enumerate() if t.name.startswith("actorfs-pool")]
 
 

@@ -62,7 +62,7 @@ def test_replay_leaves_no_fd_behind(tmp_path):
             with open(path, "rb") as f:
                 h.run(f.read())
         h.close()
-        assert fd_count() == before
+        assert fd_count() <= before
 
 
 def test_records_round_trip():

