@@ -54,7 +54,7 @@ import anyio
 
 from actors.inode_table import KIND_DIR
 from runtime import inotify
-from runtime.actor import Actor, ActorStopped
+from runtime.actor import Actor
 from runtime.attrs import FUSE_ROOT_ID
 from runtime.errno_map import FsError
 
@@ -600,21 +600,11 @@ class Watcher(Actor):
         self._by_nodeid.clear()
         self._by_wd.clear()
 
-    def _fail_pending(self) -> None:
-        """As Actor's, and a queued watch() message's fd is closed, not leaked."""
-        while True:
-            try:
-                msg = self._mailbox.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            if not isinstance(msg, tuple):
-                continue  # the stop marker
-            handler, args, fut = msg
-            if getattr(handler, "__func__", None) is Watcher._watch:
-                with contextlib.suppress(OSError):
-                    os.close(args[1])
-            if fut is not None and not fut.done():
-                fut.set_exception(ActorStopped(self.name))
+    def _dropped(self, handler, args) -> None:
+        """A queued watch() message's fd is closed, not leaked."""
+        if getattr(handler, "__func__", None) is Watcher._watch:
+            with contextlib.suppress(OSError):
+                os.close(args[1])
 
     def close(self) -> None:
         self._close_inotify()

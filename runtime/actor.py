@@ -117,9 +117,13 @@ class Actor:
                 return
             if msg is _STOP:
                 continue
-            fut = msg[2]
+            handler, args, fut = msg
+            self._dropped(handler, args)
             if fut is not None and not fut.done():
                 fut.set_exception(ActorStopped(self.name))
+
+    def _dropped(self, handler: Callable[..., Any], args: tuple) -> None:
+        """A queued message that will never run: release what it carried (an fd)."""
 
     def stop(self) -> None:
         """Ask the run loop to end after the messages already queued."""

@@ -187,3 +187,13 @@ def pid_alive(pid: int) -> bool:
             if f.read().split(") ", 1)[1].startswith("Z"):
                 return False
     return True
+
+
+def make_dirs(tmp_path, hello: bool = True):
+    """src/ and mnt/ under tmp_path (src/hello holds "hi\\n" unless hello=False)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    if hello:
+        (src / "hello").write_text("hi\n")
+    return src, mnt

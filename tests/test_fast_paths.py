@@ -10,7 +10,7 @@ import asyncio
 import subprocess
 
 import pytest
-from mount_util import env, force_unmount, needs_mount
+from mount_util import env, force_unmount, make_dirs, needs_mount
 
 from runtime.filesystem import FsConfig
 from runtime.server import mount
@@ -20,9 +20,7 @@ pytestmark = [needs_mount, pytest.mark.mount, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def dirs(tmp_path):
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
+    src, mnt = make_dirs(tmp_path, hello=False)
     yield src, mnt
     force_unmount(mnt)
 

@@ -14,7 +14,7 @@ import textwrap
 import threading
 
 import pytest
-from mount_util import env, force_unmount, is_mounted, needs_mount
+from mount_util import env, force_unmount, is_mounted, make_dirs, needs_mount
 
 from runtime.filesystem import FsConfig
 from runtime.fuse_mount import MountError
@@ -25,10 +25,7 @@ pytestmark = [needs_mount, pytest.mark.mount, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def dirs(tmp_path):
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    (src / "hello").write_text("hi\n")
+    src, mnt = make_dirs(tmp_path)
     yield src, mnt
     force_unmount(mnt)
 

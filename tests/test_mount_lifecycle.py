@@ -20,6 +20,7 @@ from mount_util import (
     cli,
     force_unmount,
     is_mounted,
+    make_dirs,
     needs_mount,
     pid_alive,
     py,
@@ -32,10 +33,7 @@ pytestmark = [needs_mount, pytest.mark.mount, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def dirs(tmp_path):
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    (src / "hello").write_text("hi\n")
+    src, mnt = make_dirs(tmp_path)
     yield src, mnt
     force_unmount(mnt)
 
