@@ -6,7 +6,9 @@ need no locks. They must not block: anything that touches a disk is done by the
 caller in the blocking pool before or after asking the actor.
 
 `ask()` is request/reply: the handler's return value (or exception) comes back
-to the caller. `tell()` is fire-and-forget for messages whose reply nobody
+to the caller. When the actor is idle (its mailbox empty, its task parked on
+it) the handler runs at once in the asking task: the same one-at-a-time
+order, without two trips through the event loop (docs/ARCHITECTURE.md). `tell()` is fire-and-forget for messages whose reply nobody
 waits for (FORGET).
 """
 
@@ -44,6 +46,8 @@ class Actor:
         self.crash_cause: BaseException | None = None
         # Test hook: set to an exception to make the run loop itself fail.
         self.inject_crash: BaseException | None = None
+        # Let an idle actor's handler run in the asking task (see ask()).
+        self.direct = True
 
     # -- client side -------------------------------------------------------
     async def ask(
@@ -56,6 +60,12 @@ class Actor:
         """
         if self._stopped:
             raise ActorStopped(self.name)
+        if self.direct and self._running and self.inject_crash is None and not self._mailbox._queue:
+            # Idle: the actor's task is parked on an empty mailbox. Running the
+            # handler here gives the very outcome the mailbox would (handlers
+            # are synchronous, so nothing runs between them, and no message is
+            # queued ahead of this one) without two trips through the loop.
+            return handler(*args)
         fut = asyncio.get_running_loop().create_future()
         if orphan is not None:
             fut.orphan = orphan  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ T = TypeVar("T")
 _STOP = None
 
 
-def _close_all(fds: Sequence[int]) -> None:
+def close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         try:
             os.close(fd)
@@ -65,7 +65,7 @@ def _worker(jobs: queue.SimpleQueue) -> None:
             exc = e
         finally:
             if fds:
-                _close_all(fds)
+                close_all(fds)
         try:
             loop.call_soon_threadsafe(_settle, slots, fut, result, exc)
         except RuntimeError:
@@ -96,11 +96,11 @@ class BlockingPool:
         try:
             await slots.acquire()
         except BaseException:
-            _close_all(fds)
+            close_all(fds)
             raise
         if self._closed:
             slots.release()
-            _close_all(fds)
+            close_all(fds)
             raise FsError(errno.EIO, "blocking pool is shut down")
         if len(self._threads) < self.workers:
             self._start_thread()

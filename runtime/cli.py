@@ -22,6 +22,7 @@ import sys
 import tempfile
 
 from runtime import fuse_mount
+from runtime.backing_fs import INLINE_MODES
 from runtime.filesystem import CACHE_MODES, SYMLINK_POLICIES, ConfigError, FsConfig, check_root
 from runtime.fuse_mount import MountError
 from runtime.limits import apply_fd_caps, raise_nofile_limit
@@ -91,6 +92,10 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
                         "(default: on with --cache always)")  # fmt: skip
     p.add_argument("--no-watch", dest="watch", action="store_false",
                    help="do not watch the host for changes")  # fmt: skip
+    p.add_argument("--inline", choices=INLINE_MODES, default="auto",
+                   help="run syscalls on the event loop instead of the thread pool: "
+                        "auto (when SRC is on tmpfs or ramfs, which never wait for a disk), "
+                        "always, never")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
     p.add_argument("--stats-interval", type=_positive_float, metavar="N",
                    help="print request statistics to stderr every N seconds")  # fmt: skip
@@ -141,6 +146,7 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         passthrough=getattr(args, "passthrough", False),
         read_only=args.read_only,
         watch=getattr(args, "watch", None),
+        inline=getattr(args, "inline", "auto"),
     )
     apply_fd_caps(config)  # EMFILE from the caps before the process runs out of fds
     return config

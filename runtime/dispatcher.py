@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import importlib
@@ -34,6 +33,7 @@ from time import perf_counter_ns
 from types import ModuleType
 from typing import Any
 
+from runtime import backing_fs, eager
 from runtime import protocol as P
 from runtime.attrs import Attr, Entry, RequestContext
 from runtime.errno_map import FsError, linux_errno_of
@@ -116,10 +116,6 @@ STAT_INVALID = -1
 
 _ORPHAN_INTERRUPTS = 256  # interrupts whose target has not arrived yet (bounded)
 
-# statfs(2) f_type of stacking filesystems: a backing file on them sits one
-# level deeper, and passthrough needs max_stack_depth above it.
-_STACKING_FS = {0x794C7630: 1, 0xF15F: 1}  # overlayfs, ecryptfs
-
 
 class _Flight:
     """One request in flight: its task and whether an INTERRUPT hit it."""
@@ -170,15 +166,7 @@ class NegotiatedInit:
 
 def root_stack_depth(root: str) -> int:
     """s_stack_depth of the filesystem holding `root` (0, or 1 on overlayfs)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
-        if libc.statfs(os.fsencode(root), buf) != 0:
-            return 0
-        f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little", signed=True)
-    except (OSError, AttributeError):
-        return 0
-    return _STACKING_FS.get(f_type & 0xFFFFFFFF, 0)
+    return backing_fs.stack_depth(root)
 
 
 def _load(name: str) -> ModuleType | None:
@@ -296,13 +284,22 @@ class Dispatcher:
         orphan = bool(self._orphans) and unique in self._orphans
         if orphan:
             del self._orphans[unique]
-        task = asyncio.get_running_loop().create_task(self._run(handler, req, send, t0, flight))
-        flight.task = task
         self._tasks[unique] = flight
         if orphan:
             self._interrupt_flight(unique, flight)
+        # The request runs now, in this task, up to its first wait: most finish
+        # there (runtime/eager.py), and only one that waits gets a task.
+        try:
+            task = eager.start(self._run(handler, req, send, t0, flight), asyncio.get_running_loop())
+        except BaseException:
+            self._finished(unique, flight)
+            raise
+        if task is None:
+            self._finished(unique, flight)
+            return
+        flight.task = task
         # Bookkeeping in a done callback: it runs even for a task cancelled
-        # before its first step (shutdown), which never enters _run's body.
+        # before it resumes (shutdown), which never finishes _run's body.
         task.add_done_callback(lambda _t: self._finished(unique, flight))
 
     async def drain(self) -> None:

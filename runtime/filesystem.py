@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from actors.handles import HandleTable
 from actors.inode_table import InodeTable
+from runtime.backing_fs import INLINE_MODES, beneath, inline_syscalls
 from runtime.blocking_pool import BlockingPool
 from runtime.supervisor import Supervisor
 
@@ -51,6 +52,10 @@ class FsConfig:
     # the 1 s timeouts bound staleness, and the watcher's invalidations of the
     # server's own changes cost more than they give: docs/BENCHMARKS.md).
     watch: bool | None = None
+    # Op syscalls on the event loop instead of the blocking pool: "auto" when
+    # the root is memory-backed (nothing can wait for a disk), "always" (an
+    # embedder that knows its root never blocks), "never". runtime/backing_fs.py.
+    inline: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class FsConfig:
             raise ConfigError(f"unknown cache mode {self.cache!r}: use one of {', '.join(CACHE_MODES)}")
         if self.watch is None:
             self.watch = self.cache == "always"
+        if self.inline not in INLINE_MODES:
+            raise ConfigError(f"unknown inline mode {self.inline!r}: use one of {', '.join(INLINE_MODES)}")
 
     @property
     def entry_timeout(self) -> float:
@@ -95,6 +102,8 @@ class Filesystem:
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.pool = BlockingPool(config.pool_workers)
+        # Whether ops run their syscalls on the loop (runtime/backing_fs.py).
+        self.inline = inline_syscalls(config.inline, config.root, config.symlinks)
         self.inodes = InodeTable(config.root, max_inodes=config.max_inodes)
         self.handles = HandleTable(max_handles=config.max_handles)
         self.dax = None  # actors.dax.DaxWindow when a DAX window is configured
@@ -109,6 +118,12 @@ class Filesystem:
             from actors.watcher import Watcher
 
             self.watcher = Watcher(self)
+
+    def serving_at(self, mountpoint: str) -> None:
+        """The client reaches us through `mountpoint`: inline syscalls must never
+        stat our own mount (the loop would wait for itself)."""
+        if self.inline and beneath(os.path.realpath(mountpoint), self.root_path):
+            self.inline = False
 
     async def reset_session(self) -> None:
         """After FUSE_DESTROY: the client forgot everything; so do we (root stays).

@@ -28,6 +28,7 @@ import logging
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter
 
 from runtime import protocol as P
 from runtime.dispatcher import MAX_WRITE, PAGE_SIZE
@@ -41,6 +42,9 @@ READ_BUFFER_SIZE = MAX_WRITE + max(PAGE_SIZE, 4096)
 
 # Reads that end the session: unmounted (ENODEV) or aborted through fusectl.
 _GONE = (errno.ENODEV, errno.ECONNABORTED)
+
+# How long a reader keeps polling an empty /dev/fuse before it sleeps (µs).
+DEFAULT_POLL_US = 50
 
 _OPCODE = struct.Struct("<I")  # fuse_in_header.opcode, at offset 4
 
@@ -138,12 +142,14 @@ class FuseTransport:
         *,
         queues: int = 1,
         notify_queue: int = 1024,
+        poll_us: int = DEFAULT_POLL_US,
     ):
         if queues < 1:
             raise ValueError("queues must be at least 1")
         self.devfd = devfd
         self.dispatcher = dispatcher
         self.queues = queues
+        self.poll_seconds = max(0, poll_us) / 1e6
         self.ready = asyncio.Event()
         self.ended = asyncio.Event()
         self.end_reason: str | None = None
@@ -241,11 +247,28 @@ class FuseTransport:
         submit = self.dispatcher.submit
         send = self._sender(fd)
         debug = log.isEnabledFor(logging.DEBUG)
+        poll = self.poll_seconds
+        polling_until = 0.0
         try:
             while True:
                 try:
                     n = os.readv(fd, [buf])
                 except BlockingIOError:
+                    # Keep reading for a while before sleeping: the next request
+                    # of a busy client usually comes within microseconds, and a
+                    # server asleep in epoll is woken by an inter-processor
+                    # interrupt, which on a VM costs more than the whole request
+                    # (docs/BENCHMARKS.md). Each turn lets the loop run what is
+                    # ready and yields the CPU to a client that may want it.
+                    if poll:
+                        now = perf_counter()
+                        if not polling_until:
+                            polling_until = now + poll
+                        if now < polling_until:
+                            await asyncio.sleep(0)
+                            os.sched_yield()
+                            continue
+                    polling_until = 0.0
                     await self._readable(fd)
                     continue
                 except OSError as exc:
@@ -258,6 +281,7 @@ class FuseTransport:
                 if n == 0:
                     self._end("unmounted")
                     return
+                polling_until = 0.0
                 self.frames += 1
                 self.bytes_in += n
                 # The dispatcher keeps the frame until the reply is sent (WRITE

@@ -55,6 +55,7 @@ from runtime.attrs import (
     direntplus_size,
     dtype_of_mode,
 )
+from runtime.blocking_pool import close_all
 from runtime.errno_map import FsError
 from runtime.filesystem import Filesystem
 
@@ -331,7 +332,14 @@ def _job_xattr(fd: int, kind: int, fn, *args):
 
 
 async def _pool(fs: Filesystem, fds, fn, *args):
+    """Run a job that owns `fds`: on the loop when the root cannot block
+    (fs.inline, runtime/backing_fs.py), else in the blocking pool."""
     try:
+        if fs.inline:
+            try:
+                return fn(*args)
+            finally:
+                close_all(fds)
         return await fs.pool.run_owning(fds, fn, *args)
     except (OverflowError, ValueError) as e:  # absurd offsets/sizes from a client
         raise FsError(errno.EINVAL, str(e)) from None

@@ -168,6 +168,7 @@ class MountedServer:
         try:
             async with Filesystem.running(self.config) as fs:
                 self.fs = fs
+                fs.serving_at(self.mountpoint)
                 await self._serve_mounted(fs)
         except ConfigError as exc:
             raise MountError(str(exc)) from None

@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.join(ROOT, "tests")):
     if p not in sys.path:
@@ -17,3 +19,14 @@ def pytest_asyncio_loop_factories(config, item):
     if uvloop is not None:
         return {"uvloop": uvloop.new_event_loop}
     return None
+
+
+@pytest.fixture(params=["pool", "inline"])
+def syscall_mode(request):
+    """Run an op-level test twice: syscalls in the blocking pool, and inline on
+    the loop (what a tmpfs root gets: runtime/backing_fs.py)."""
+    import helpers_fs
+
+    helpers_fs.INLINE["mode"] = "never" if request.param == "pool" else "always"
+    yield request.param
+    helpers_fs.INLINE["mode"] = "never"

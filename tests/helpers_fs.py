@@ -13,8 +13,14 @@ CTX = RequestContext(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid())
 ROOT = 1
 
 
+# Where op syscalls run in `running()`: "never" (the blocking pool) or
+# "always" (inline on the loop); the `syscall_mode` fixture sets it.
+INLINE = {"mode": "never"}
+
+
 @contextlib.asynccontextmanager
 async def running(root, **kw):
+    kw.setdefault("inline", INLINE["mode"])
     async with Filesystem.running(FsConfig(root=str(root), **kw)) as fs:
         yield fs
 

@@ -170,8 +170,11 @@ class HostileClient:
                 if nodeid:
                     b.lookups[nodeid] += 1
 
-    async def send_frame(self, frame: bytes | bytearray) -> int | None:
-        """Send one frame as is, except that a fresh unique is written in when it fits."""
+    async def send_frame(self, frame: bytes | bytearray, keep: bool = False) -> int | None:
+        """Send one frame as is, except that a fresh unique is written in when it fits.
+
+        keep: hold on to the reply's payload (the reply may come before submit returns).
+        """
         frame = bytearray(frame)
         unique = None
         if len(frame) >= 16:
@@ -181,6 +184,8 @@ class HostileClient:
         if unique is not None:
             self.books.expected[unique] = (opcode, want)
             self._done[unique] = asyncio.Event()
+            if keep:
+                self.keep_payload.add(unique)
             send = self._send_cb(unique)
         else:
             send = self._stray
@@ -191,16 +196,15 @@ class HostileClient:
     def _stray(self, iov) -> None:
         self.books.stray.append(P.iov_bytes(iov))
 
-    async def send(self, msg: P.Request) -> int:
+    async def send(self, msg: P.Request, keep: bool = False) -> int:
         msg.h.uid, msg.h.gid, msg.h.pid = self.uid, self.gid, msg.h.pid or os.getpid()
-        unique = await self.send_frame(P.encode_request(msg))
+        unique = await self.send_frame(P.encode_request(msg), keep)
         assert unique is not None
         return unique
 
     async def call(self, msg: P.Request, timeout: float = 60) -> tuple[int, bytes]:
         """Send, wait for its reply, return (error, payload head)."""
-        unique = await self.send(msg)
-        self.keep_payload.add(unique)
+        unique = await self.send(msg, keep=True)
         await asyncio.wait_for(self._done[unique].wait(), timeout)
         r = self.books.replies[unique][0]
         self.keep_payload.discard(unique)

@@ -10,11 +10,15 @@ import os
 import stat
 import tempfile
 
+import pytest
 from helpers_fs import CTX, ROOT, ops, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.errno_map import linux_errno_of
+
+# Each test runs with syscalls in the pool and inline (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("syscall_mode")
 
 NAMES = ["a", "b", "c"]
 paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=2).map(tuple)

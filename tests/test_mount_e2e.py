@@ -4,7 +4,7 @@ Each test works in its own directory of a shared mount, drives it from
 subprocesses (Python os/shutil, cp, tar, git, sqlite3, mmap...) and then
 checks the host directory underneath. The whole set runs once per mount
 mode: default caching, no caching (direct I/O), long caching with writeback,
-and FUSE passthrough.
+FUSE passthrough, and syscalls inline on the event loop.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ MODES = {
     "never": ["--cache", "never"],
     "always-writeback": ["--cache", "always", "--writeback"],
     "passthrough": ["--passthrough"],
+    # The source is on the disk here: force what a tmpfs source gets by default.
+    "inline": ["--inline", "always"],
 }
 
 

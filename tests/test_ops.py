@@ -21,6 +21,9 @@ from runtime.attrs import (
 )
 from runtime.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 
+# Each test runs with syscalls in the pool and inline (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("syscall_mode")
+
 
 async def test_name_too_long_and_bad_names_everywhere(tmp_path):
     async with running(tmp_path) as fs:

@@ -13,6 +13,9 @@ from runtime.attrs import DT_DIR, DT_REG, FATTR_FH, FATTR_MODE, FATTR_MTIME, FAT
 from runtime.errno_map import identity_errno, macos_to_linux_errno
 from runtime.snapshot import SnapshotError, SnapshotTruncated, restore, snapshot
 
+# Each test runs with syscalls in the pool and inline (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("syscall_mode")
+
 
 async def test_lookup_and_read_real_file(tmp_path):
     (tmp_path / "hello.txt").write_bytes(b"hi from posix")

@@ -12,6 +12,9 @@ import os
 import pytest
 from helpers_fs import CTX, ROOT, errno_of, ops, running
 
+# Each test runs with syscalls in the pool and inline (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("syscall_mode")
+
 
 @pytest.fixture
 def tree(tmp_path):

@@ -1,0 +1,59 @@
+"""Where op syscalls run: inline on a memory-backed root, in the pool otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from runtime import backing_fs
+from runtime.filesystem import ConfigError, Filesystem, FsConfig
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "t", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@needs_root
+def test_tmpfs_is_memory_backed_and_gets_inline_syscalls(tmpfs):
+    assert backing_fs.memory_backed(str(tmpfs))
+    assert Filesystem(FsConfig(root=str(tmpfs))).inline
+    # follow opens link targets anywhere, our own mount included: never inline.
+    assert not Filesystem(FsConfig(root=str(tmpfs), symlinks="follow")).inline
+    assert not Filesystem(FsConfig(root=str(tmpfs), inline="never")).inline
+
+
+def test_a_disk_root_keeps_the_pool_unless_asked(tmp_path):
+    if backing_fs.memory_backed(str(tmp_path)):
+        pytest.skip(f"{tmp_path} is itself on tmpfs: no disk directory to test with")
+    assert not Filesystem(FsConfig(root=str(tmp_path))).inline
+    assert Filesystem(FsConfig(root=str(tmp_path), inline="always")).inline
+
+
+def test_a_mountpoint_beneath_the_root_turns_inline_off(tmp_path):
+    fs = Filesystem(FsConfig(root=str(tmp_path), inline="always"))
+    fs.serving_at(str(tmp_path.parent / "elsewhere"))
+    assert fs.inline
+    (tmp_path / "mnt").mkdir()
+    fs.serving_at(str(tmp_path / "mnt"))
+    assert not fs.inline  # a lookup of "mnt" would stat our own mount from the loop
+
+
+def test_bad_inline_mode_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown inline mode 'sometimes': use one of auto, always, never"):
+        FsConfig(root=str(tmp_path), inline="sometimes")
+
+
+def test_beneath():
+    assert backing_fs.beneath("/a/b", "/a")
+    assert backing_fs.beneath("/a", "/a")
+    assert not backing_fs.beneath("/ab", "/a")
+    assert backing_fs.beneath("/x", "/")
