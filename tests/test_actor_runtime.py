@@ -169,3 +169,47 @@ async def test_requests_queued_on_a_crashed_actor_get_eio_when_the_server_stops(
         await asyncio.wait_for(sup.failed.wait(), 5)
         with pytest.raises(ActorStopped):
             await asyncio.wait_for(late, 5)
+
+
+class Log(Actor):
+    """Records which task ran each handler, in order."""
+
+    name = "log"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, asyncio.Task | None]] = []
+
+    def _note(self, what):
+        self.seen.append((what, asyncio.current_task()))
+        return what
+
+
+async def test_an_idle_actor_answers_in_the_asking_task_and_a_busy_one_keeps_order():
+    a = Log()
+    async with Supervisor().started([a]):
+        await asyncio.sleep(0)  # the actor's task is parked on its empty mailbox
+        me = asyncio.current_task()
+        assert await a.ask(a._note, "direct") == "direct"
+        assert a.seen[-1] == ("direct", me)  # no trip through the mailbox
+        # Messages already queued go first: this ask waits its turn in the mailbox.
+        assert a.tell(a._note, "queued first")
+        assert await a.ask(a._note, "after") == "after"
+        assert [w for w, _ in a.seen[-2:]] == ["queued first", "after"]
+        assert a.seen[-1][1] is not me  # ran in the actor's own task
+        # With direct calls off, every handler runs in the actor's task.
+        a.direct = False
+        await a.ask(a._note, "mailbox")
+        assert a.seen[-1][1] is not me
+
+
+async def test_a_direct_handler_error_reaches_the_caller_and_the_actor_lives_on():
+    c = Counter()
+    async with Supervisor().started([c]):
+        await asyncio.sleep(0)
+        with pytest.raises(FsError):
+            await c.add(-1)
+        assert await c.add(2) == 2
+        c.inject_crash = RuntimeError("injected")  # a crash hook is never bypassed
+        with pytest.raises(ActorStopped):
+            await c.add(1)
