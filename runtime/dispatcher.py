@@ -52,8 +52,10 @@ MAX_PAGES = MAX_WRITE // PAGE_SIZE
 # cacheable symlinks. EXPORT_SUPPORT only when the op layer declares that its
 # lookup answers "." and ".." (ops.LOOKUP_DOT_DOTDOT). Deliberately absent:
 # POSIX_LOCKS / FLOCK_LOCKS (the kernel then does locking locally), SPLICE_*,
-# DONT_MASK (the kernel applies the umask), HANDLE_KILLPRIV(_V2), POSIX_ACL,
-# SETXATTR_EXT, SECURITY_CTX.
+# DONT_MASK (the kernel applies the umask), HANDLE_KILLPRIV (v1), POSIX_ACL,
+# SETXATTR_EXT, SECURITY_CTX. HANDLE_KILLPRIV_V2: the ops drop suid/sgid when
+# the kernel says the writer may not keep them; in exchange the kernel stops
+# asking GETXATTR security.capability before every write(2).
 BASE_INIT_FLAGS = (
     P.FUSE_ASYNC_READ
     | P.FUSE_PARALLEL_DIROPS
@@ -64,6 +66,7 @@ BASE_INIT_FLAGS = (
     | P.FUSE_AUTO_INVAL_DATA
     | P.FUSE_CACHE_SYMLINKS
     | P.FUSE_MAX_PAGES
+    | P.FUSE_HANDLE_KILLPRIV_V2
 )
 
 # Ops an INTERRUPT may abandon midway, replying EINTR. A pool job runs to its
@@ -658,7 +661,9 @@ class Dispatcher:
         return P.reply_entry(r.h.unique, e)
 
     async def _open(self, r: Any) -> list:
-        opened = await self.ops.open(self.fs, self._ctx(r), r.h.nodeid, r.flags)
+        # open_flags only when set: FUSE_OPEN_KILL_SUIDGID (HANDLE_KILLPRIV_V2).
+        kw = {"open_flags": r.open_flags} if r.open_flags else {}
+        opened = await self.ops.open(self.fs, self._ctx(r), r.h.nodeid, r.flags, **kw)
         return P.reply_open(r.h.unique, self._opened(opened))
 
     async def _read(self, r: Any) -> list:
@@ -759,8 +764,9 @@ class Dispatcher:
         return P.reply_empty(r.h.unique)
 
     async def _create(self, r: Any) -> list:
+        kw = {"open_flags": r.open_flags} if r.open_flags else {}
         entry, opened = await self.ops.create(
-            self.fs, self._ctx(r), r.h.nodeid, r.name, r.mode, r.flags, r.umask
+            self.fs, self._ctx(r), r.h.nodeid, r.name, r.mode, r.flags, r.umask, **kw
         )
         return P.reply_create(r.h.unique, entry, self._opened(opened))
 

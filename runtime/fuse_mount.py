@@ -209,10 +209,15 @@ def _escape_opt(value: str) -> str:
 
 
 def _common_options(allow_other: bool) -> list[str]:
-    opts = ["default_permissions"]
+    # Only the mounting user may enter a mount without allow_other, and our
+    # host syscalls already run with that user's rights (as root, with root's),
+    # so the host enforces permissions. default_permissions would only add a
+    # GETATTR of the directory after every create, unlink or rename in it (the
+    # kernel drops the directory's attributes and must re-check its mode).
+    # With allow_other, other users' requests are checked by the kernel.
     if allow_other:
-        opts.append("allow_other")
-    return opts
+        return ["default_permissions", "allow_other"]
+    return []
 
 
 def mount(

@@ -33,6 +33,7 @@ from runtime.attrs import (
     FATTR_ATIME_NOW,
     FATTR_FH,
     FATTR_GID,
+    FATTR_KILL_SUIDGID,
     FATTR_MODE,
     FATTR_MTIME,
     FATTR_MTIME_NOW,
@@ -191,6 +192,41 @@ def _fix_mode(fd: int, want: int, umask_proc: int) -> None:
         os.chmod(proc_fd(fd), want & 0o7777)
 
 
+# fuse_write_in.write_flags / fuse_open_in.open_flags (HANDLE_KILLPRIV_V2).
+WRITE_KILL_SUIDGID = 1 << 2
+OPEN_KILL_SUIDGID = 1 << 0
+
+
+def _kill_suidgid(fd: int, gid: int) -> None:
+    """Drop the set-ID bits a write or truncate by an unprivileged process drops
+    on a kernel filesystem: set-user-ID always; set-group-ID when the file is
+    group-executable, or when the writer (primary group `gid`) is not in the
+    file's group. Supplementary groups are not in a FUSE request: a writer in
+    the group through one of them loses the bit, erring on the safe side.
+
+    Under HANDLE_KILLPRIV_V2 the kernel leaves this to us (and tells us when
+    the writer lacks CAP_FSETID). Our own write, as root, would keep the bits;
+    security.capability the host kernel drops on our write in any case.
+    """
+    st = os.fstat(fd)
+    mode = st.st_mode
+    if not stat.S_ISREG(mode):
+        return
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or st.st_gid != gid):
+        kill |= stat.S_ISGID
+    if kill:
+        os.chmod(proc_fd(fd), stat.S_IMODE(mode) & ~kill)
+
+
+def _job_write(fd: int, data, offset: int, kill_gid: int) -> int:
+    """pwrite; then, when kill_gid >= 0, drop set-ID bits for that writer."""
+    n = os.pwrite(fd, data, offset)
+    if kill_gid >= 0:
+        _kill_suidgid(fd, kill_gid)
+    return n
+
+
 def _job_make(pfd, name, kind, mode, rdev, target, ctx, euid, egid, umask_proc):
     """mkdir / mknod / symlink, then O_PATH + stat of the new object."""
     if kind == "dir":
@@ -210,7 +246,7 @@ def _job_make(pfd, name, kind, mode, rdev, target, ctx, euid, egid, umask_proc):
         raise
 
 
-def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc):
+def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc, kill_gid=-1):
     """Exclusive create (the client's O_EXCL is honoured; a stale negative dentry
     in the client's cache that meets a file created on the host opens it)."""
     base = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -221,7 +257,7 @@ def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc):
         if flags & os.O_EXCL:
             raise
         created = False
-        fd = _open_existing(pfd, name, base)
+        fd = _open_existing(pfd, name, base, kill_gid if flags & os.O_TRUNC else -1)
     try:
         pfd2 = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
         try:
@@ -276,7 +312,9 @@ def _job_lookup_many(pfd: int, names: list[bytes], policy: str, root: bytes, wan
     return out
 
 
-def _job_setattr(fd: int, is_handle: bool, kind: int, s, umask_proc: int) -> os.stat_result:
+def _job_setattr(
+    fd: int, is_handle: bool, kind: int, s, umask_proc: int, gid_of_caller: int = -1
+) -> os.stat_result:
     valid = s.valid
     path = None if is_handle else proc_fd(fd)
     if valid & FATTR_MODE:
@@ -299,6 +337,8 @@ def _job_setattr(fd: int, is_handle: bool, kind: int, s, umask_proc: int) -> os.
         at = now if valid & FATTR_ATIME_NOW else (s.atime, s.atimensec) if valid & FATTR_ATIME else omit
         mt = now if valid & FATTR_MTIME_NOW else (s.mtime, s.mtimensec) if valid & FATTR_MTIME else omit
         syscalls.utimensat(fd, b"", at, mt, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
+    if valid & FATTR_KILL_SUIDGID and not valid & FATTR_MODE and kind == 0:
+        _kill_suidgid(fd, gid_of_caller)  # a truncate (or chown) by an unprivileged process
     return os.fstat(fd)
 
 
@@ -407,7 +447,7 @@ async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
         fds, fd, is_handle = (ifd, hfd), hfd, True
     else:
         fds, fd, is_handle = (ifd,), ifd, False
-    st = await _pool(fs, fds, _job_setattr, fd, is_handle, kind, s, _proc_umask())
+    st = await _pool(fs, fds, _job_setattr, fd, is_handle, kind, s, _proc_umask(), ctx.gid)
     return Attr.from_stat(st.st_ino, st)
 
 
@@ -566,8 +606,11 @@ async def _opened(fs: Filesystem, fd: int, nodeid: int) -> Opened:
     return Opened(fh, flags, backing)
 
 
-async def open(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int) -> Opened:
+async def open(
+    fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int, open_flags: int = 0
+) -> Opened:
     oflags = _open_flags(fs, flags)
+    kill_gid = ctx.gid if open_flags & OPEN_KILL_SUIDGID and oflags & os.O_TRUNC else -1
     ifd, kind = await fs.inodes.dup_fd(nodeid)
     if kind == KIND_DIR:
         os.close(ifd)
@@ -577,7 +620,7 @@ async def open(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int) -> 
         raise FsError(errno.ELOOP)
     wfd = os.dup(ifd) if fs.watcher is not None else -1
     try:
-        fd = await _pool(fs, (ifd,), _reopen, ifd, oflags)
+        fd = await _pool(fs, (ifd,), _reopen, ifd, oflags, kill_gid)
     except BaseException:
         if wfd >= 0:
             os.close(wfd)
@@ -586,18 +629,18 @@ async def open(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int) -> 
     return await _opened(fs, fd, nodeid)
 
 
-def _open_existing(pfd: int, name: bytes, flags: int) -> int:
+def _open_existing(pfd: int, name: bytes, flags: int, kill_gid: int = -1) -> int:
     """open(2) of parent/name that never opens a symlink or a special file."""
     ifd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
     try:
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP);
         # the O_PATH open above already refused a symlink.
-        return _reopen(ifd, flags & ~os.O_NOFOLLOW)
+        return _reopen(ifd, flags & ~os.O_NOFOLLOW, kill_gid)
     finally:
         os.close(ifd)
 
 
-def _reopen(ifd: int, flags: int) -> int:
+def _reopen(ifd: int, flags: int, kill_gid: int = -1) -> int:
     # Regular files only: a kernel opens special files itself and never sends
     # OPEN for them, but a hostile client can, and open(2) on a FIFO blocks a
     # pool thread until a writer comes (a device open has side effects).
@@ -606,15 +649,23 @@ def _reopen(ifd: int, flags: int) -> int:
         err = errno.EISDIR if stat.S_ISDIR(mode) else errno.ELOOP if stat.S_ISLNK(mode) else errno.ENXIO
         raise FsError(err, "not a regular file")
     try:
-        return os.open(proc_fd(ifd), flags)
+        fd = os.open(proc_fd(ifd), flags)
     except PermissionError:
-        if flags & os.O_NOATIME:  # O_NOATIME needs ownership; drop it rather than fail
-            return os.open(proc_fd(ifd), flags & ~os.O_NOATIME)
-        raise
+        if not flags & os.O_NOATIME:
+            raise
+        fd = os.open(proc_fd(ifd), flags & ~os.O_NOATIME)  # O_NOATIME needs ownership
+    if kill_gid >= 0:  # an O_TRUNC open by an unprivileged process (KILLPRIV_V2)
+        try:
+            _kill_suidgid(fd, kill_gid)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 async def create(
-    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, mode: int, flags: int, umask: int = 0
+    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, mode: int, flags: int, umask: int = 0,
+    open_flags: int = 0,
 ) -> tuple[Entry, Opened]:
     _ro(fs)
     check_name(name)
@@ -625,7 +676,8 @@ async def create(
         raise FsError(errno.ENOTDIR)
     fmode = (mode & ~umask) & 0o7777
     fd, ifd, st = await _pool(
-        fs, (pfd,), _job_create, pfd, name, fmode, oflags, ctx, fs.euid, fs.egid, _proc_umask()
+        fs, (pfd,), _job_create, pfd, name, fmode, oflags, ctx, fs.euid, fs.egid, _proc_umask(),
+        ctx.gid if open_flags & OPEN_KILL_SUIDGID else -1,
     )
     wfd = os.dup(ifd) if fs.watcher is not None else -1
     try:
@@ -654,7 +706,8 @@ async def write(
     fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, data, write_flags: int = 0
 ) -> int:
     fd = await fs.handles.dup_fd(fh, want_dir=False)
-    return await _pool(fs, (fd,), os.pwrite, fd, data, offset)
+    kill_gid = ctx.gid if write_flags & WRITE_KILL_SUIDGID else -1
+    return await _pool(fs, (fd,), _job_write, fd, data, offset, kill_gid)
 
 
 async def statfs(fs: Filesystem, ctx: RequestContext, nodeid: int) -> StatFs:

@@ -198,6 +198,9 @@ def test_allow_other(allow_other):
                     capture_output=True, text=True, timeout=20,
                 )  # fmt: skip
 
+            opts = next(line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == mnt)
+            # The kernel checks permissions itself only when others may enter.
+            assert ("default_permissions" in opts.split(",")) == allow_other, opts
             public, secret = as_nobody(f"{mnt}/public"), as_nobody(f"{mnt}/secret")
             if allow_other:
                 assert (public.returncode, public.stdout) == (0, "for all\n"), public.stderr
@@ -208,6 +211,24 @@ def test_allow_other(allow_other):
     finally:
         force_unmount(os.path.join(base, "mnt"))
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_without_default_permissions_the_owner_still_gets_unix_semantics(dirs):
+    """No default_permissions for the mount owner: exec bits, access(2) and a
+    read-only mount still behave as on a kernel filesystem."""
+    src, mnt = dirs
+    with CliMount(src, mnt):
+        script = f"{mnt}/run.sh"
+        with open(f"{src}/run.sh", "w") as f:
+            f.write("#!/bin/sh\necho ran\n")
+        os.chmod(f"{src}/run.sh", 0o644)
+        r = sh(f"'{script}'", check=False)
+        assert r.returncode != 0 and "Permission denied" in r.stderr  # even root needs an x bit
+        assert sh(f"test -x '{script}' || echo no-x").stdout == "no-x\n"  # access(2): FUSE_ACCESS
+        os.chmod(f"{src}/run.sh", 0o755)
+        time.sleep(1.1)  # past the attribute timeout
+        assert sh(f"'{script}'").stdout == "ran\n"
+        assert sh(f"cd '{mnt}' && pwd").stdout.strip() == str(mnt)
 
 
 def test_sigterm_under_load_ends_everything(dirs):
