@@ -573,7 +573,7 @@ def _open_flags(fs: Filesystem, flags: int) -> int:
     return flags | os.O_CLOEXEC
 
 
-def _file_open_flags(fs: Filesystem) -> int:
+def _file_open_flags(fs: Filesystem, flags: int = os.O_RDONLY) -> int:
     # NOFLUSH: FLUSH would only close a dup of the handle's fd, which releases
     # nothing (we never take POSIX locks: the kernel does locking locally), so
     # the kernel is told not to send it; one round trip less per close(2). The
@@ -583,11 +583,18 @@ def _file_open_flags(fs: Filesystem) -> int:
         return FOPEN_DIRECT_IO | FOPEN_NOFLUSH
     if cache == "always":
         return FOPEN_KEEP_CACHE | FOPEN_NOFLUSH
+    if flags & os.O_ACCMODE == os.O_WRONLY and not fs.config.writeback:
+        # A write-only open under "auto" gains nothing from the client's page
+        # cache (the next open drops it: no KEEP_CACHE) but pays for filling
+        # it: the kernel allocates and copies every page it passes on. Direct
+        # I/O hands us the writer's own pages instead. (mmap needs read access,
+        # so none is possible on such a file.)
+        return FOPEN_DIRECT_IO | FOPEN_NOFLUSH
     return FOPEN_NOFLUSH
 
 
-async def _opened(fs: Filesystem, fd: int, nodeid: int) -> Opened:
-    flags = _file_open_flags(fs)
+async def _opened(fs: Filesystem, fd: int, nodeid: int, oflags: int = os.O_RDONLY) -> Opened:
+    flags = _file_open_flags(fs, oflags)
     backing = 0
     b = fs.backing
     if fs.config.passthrough and b is not None:
@@ -626,7 +633,7 @@ async def open(
             os.close(wfd)
         raise
     _watch(fs, nodeid, wfd, False)
-    return await _opened(fs, fd, nodeid)
+    return await _opened(fs, fd, nodeid, oflags)
 
 
 def _open_existing(pfd: int, name: bytes, flags: int, kill_gid: int = -1) -> int:
@@ -689,7 +696,7 @@ async def create(
         raise
     _watch(fs, nodeid, wfd, False)
     try:
-        opened = await _opened(fs, fd, nodeid)
+        opened = await _opened(fs, fd, nodeid, oflags)
     except BaseException:
         # The client never sees this entry: give its lookup back (EMFILE at the handle cap).
         await forget(fs, nodeid, 1)

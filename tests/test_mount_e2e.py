@@ -357,6 +357,31 @@ def test_concurrent_writers_same_file(area):
     assert sorted(lines) == sorted(f"writer {k} line {j:03}" for k in range(8) for j in range(100))
 
 
+READER_SEES_WRITER = r"""
+import os, sys
+p = sys.argv[1]
+with open(p, "wb") as f:
+    f.write(b"a" * 10000)
+r = os.open(p, os.O_RDONLY)
+assert os.pread(r, 10, 5000) == b"a" * 10  # now in the reader's page cache
+w = os.open(p, os.O_WRONLY | os.O_APPEND)  # write-only: direct I/O under auto
+os.write(w, b"TAIL")
+w2 = os.open(p, os.O_WRONLY)
+os.pwrite(w2, b"MID", 5000)
+got = (os.pread(r, 10, 5000), os.pread(r, 10, 9996), os.fstat(r).st_size)
+assert got == (b"MIDaaaaaaa", b"aaaaTAIL", 10004), got
+"""
+
+
+def test_a_reader_sees_a_write_only_writer_at_once(area):
+    """Writes through write-only opens reach a reader's cached pages at once, as
+    on a kernel filesystem (not after the attribute timeout)."""
+    host, mnt, _ = area
+    py(READER_SEES_WRITER.replace("sys.argv[1]", repr(os.path.join(mnt, "coherent"))))
+    with open(os.path.join(host, "coherent"), "rb") as f:
+        assert f.read()[4998:5005] == b"aaMIDaa"
+
+
 # -- links, rename, xattrs ---------------------------------------------------------------------
 
 
