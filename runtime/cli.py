@@ -68,6 +68,16 @@ def _queues(text: str) -> int:
     return v
 
 
+def _read_ahead(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of KiB") from None
+    if not 0 <= v <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: use 0 (the kernel's) to 1048576")
+    return v
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--queues", type=_queues, metavar="N",
                    help="/dev/fuse queues (cloned fds) to read from (default 1)")  # fmt: skip
+    m.add_argument("--read-ahead", type=_read_ahead, metavar="KB", default=None,
+                   help="the mount's readahead window in KiB (default 1024; 0 keeps the "
+                        "kernel's 128; needs root)")  # fmt: skip
 
     s = sub.add_parser("serve", help="serve SRC to a VM over a vhost-user socket (virtio-fs)",
                        description="Serve the directory SRC to a virtio-fs frontend.")  # fmt: skip
@@ -237,10 +250,15 @@ def _announce_foreground(server) -> None:
     )
 
 
-async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
-    from runtime.server import MountedServer, ServerFailed
+def _or_default(value, default):
+    return default if value is None else value
 
-    server = MountedServer(config, mnt, allow_other=args.allow_other, queues=args.queues)
+
+async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
+    from runtime.server import DEFAULT_READ_AHEAD_KB, MountedServer, ServerFailed
+
+    server = MountedServer(config, mnt, allow_other=args.allow_other, queues=args.queues,
+                           read_ahead_kb=_or_default(args.read_ahead, DEFAULT_READ_AHEAD_KB))  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

@@ -12,12 +12,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import shutil
 import socket
 import stat
 import subprocess
 from dataclasses import dataclass
+
+log = logging.getLogger("actorfs.mount")
 
 FUSE_DEVICE = "/dev/fuse"
 FUSECTL_DIR = "/sys/fs/fuse/connections"
@@ -385,6 +388,25 @@ def _ensure_fusectl() -> bool:
     libc = _libc_handle()
     rc = libc.mount(b"fusectl", FUSECTL_DIR.encode(), b"fusectl", 0, None)
     return rc == 0 or ctypes.get_errno() == errno.EBUSY
+
+
+def set_read_ahead(conn: int | None, kb: int) -> bool:
+    """Set the mount's readahead window (its bdi's read_ahead_kb); False if not allowed.
+
+    The kernel gives a FUSE mount 128 KiB, and INIT can only lower that: a
+    sequential reader then costs one READ round trip per 128 KiB. A larger
+    window lets READs grow up to max_pages (1 MiB). Needs root.
+    """
+    if conn is None:
+        return False
+    path = f"/sys/class/bdi/{conn >> 20}:{conn & 0xFFFFF}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.debug("cannot set %s: %s", path, exc)
+        return False
+    return True
 
 
 def abort_connection(conn: int | None) -> bool:

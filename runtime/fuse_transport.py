@@ -40,11 +40,16 @@ log = logging.getLogger("actorfs.fuse")
 # plus its headers. One spare page covers every header.
 READ_BUFFER_SIZE = MAX_WRITE + max(PAGE_SIZE, 4096)
 
+# Frames above this size (WRITEs) are not copied out of the read buffer.
+SMALL_FRAME = 64 * 1024
+# Read buffers kept for reuse per queue (each READ_BUFFER_SIZE bytes).
+SPARE_BUFFERS = 4
+
 # Reads that end the session: unmounted (ENODEV) or aborted through fusectl.
 _GONE = (errno.ENODEV, errno.ECONNABORTED)
 
 # How long a reader keeps polling an empty /dev/fuse before it sleeps (µs).
-DEFAULT_POLL_US = 50
+DEFAULT_POLL_US = 200
 
 _OPCODE = struct.Struct("<I")  # fuse_in_header.opcode, at offset 4
 
@@ -244,6 +249,7 @@ class FuseTransport:
     async def _read_loop(self, fd: int) -> None:
         buf = bytearray(READ_BUFFER_SIZE)
         view = memoryview(buf)
+        spare: list[bytearray] = []
         submit = self.dispatcher.submit
         send = self._sender(fd)
         debug = log.isEnabledFor(logging.DEBUG)
@@ -285,8 +291,17 @@ class FuseTransport:
                 self.frames += 1
                 self.bytes_in += n
                 # The dispatcher keeps the frame until the reply is sent (WRITE
-                # data is a view into it): hand it a copy, reuse the buffer.
-                frame = bytes(view[:n])
+                # data is a view into it). A small frame is copied and the buffer
+                # reused; a large one (a WRITE) keeps the buffer, which comes back
+                # to `spare` once its reply is sent, and reading goes on in another.
+                reply = send
+                if n > SMALL_FRAME:
+                    frame = view[:n]
+                    reply = self._recycling(send, buf, spare)
+                    buf = spare.pop() if spare else bytearray(READ_BUFFER_SIZE)
+                    view = memoryview(buf)
+                else:
+                    frame = bytes(view[:n])
                 if debug:
                     _log_request(frame)
                 if (
@@ -296,12 +311,23 @@ class FuseTransport:
                 ):
                     await submit(frame, self._init_sender(fd))
                 else:
-                    await submit(frame, send)
+                    await submit(frame, reply)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             log.exception("reading /dev/fuse failed")
             self._end("error", exc)
+
+    @staticmethod
+    def _recycling(send, buf: bytearray, spare: list[bytearray]):
+        """`send`, then give `buf` back for reading: the request is done with it."""
+
+        def send_and_recycle(iov: list) -> None:
+            send(iov)
+            if len(spare) < SPARE_BUFFERS:
+                spare.append(buf)
+
+        return send_and_recycle
 
     async def _readable(self, fd: int) -> None:
         loop = asyncio.get_running_loop()

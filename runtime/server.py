@@ -38,6 +38,8 @@ UNMOUNT_GRACE = 2.0
 DRAIN_TIMEOUT = 5.0
 
 DEFAULT_QUEUES = 1  # one asyncio thread reads them all: more queues measured no faster
+# The readahead window of a mount (KiB): READs of up to 1 MiB instead of 128 KiB.
+DEFAULT_READ_AHEAD_KB = 1024
 
 
 class ServerFailed(Exception):
@@ -56,8 +58,10 @@ class MountedServer:
         queues: int | None = None,
         max_in_flight: int = 256,
         use_fusermount: bool | None = None,
+        read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
     ):
         self.config = config
+        self.read_ahead_kb = read_ahead_kb
         self.mountpoint = mountpoint
         self.allow_other = allow_other
         self.queues = queues or DEFAULT_QUEUES
@@ -206,6 +210,8 @@ class MountedServer:
         try:
             await self._until_ready(transport, run)
             if self._ready.is_set():
+                if self.read_ahead_kb > 0:
+                    fuse_mount.set_read_ahead(m.conn, self.read_ahead_kb)
                 self.started_at = time.monotonic()
                 log.info("serving %s on %s", fs.root_path, m.mountpoint)
                 await self._until_end(fs, transport)
@@ -303,6 +309,7 @@ async def mount(
     queues: int | None = None,
     max_in_flight: int = 256,
     use_fusermount: bool | None = None,
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
 ) -> MountedServer:
     """Mount `config.root` on `mountpoint` and serve it; returns once the mount is ready."""
     server = MountedServer(
@@ -312,5 +319,6 @@ async def mount(
         queues=queues,
         max_in_flight=max_in_flight,
         use_fusermount=use_fusermount,
+        read_ahead_kb=read_ahead_kb,
     )
     return await server.start()

@@ -130,9 +130,10 @@ async def test_init_minor_38(tmp_path):
         assert (major, minor) == (7, 38)
         assert flags & BASE_INIT_FLAGS == BASE_INIT_FLAGS & 0xFFFFFFFF
         assert flags & P.FUSE_INIT_EXT
+        assert flags & P.FUSE_HANDLE_KILLPRIV_V2  # the ops drop set-ID bits themselves
         for never in (
             P.FUSE_POSIX_LOCKS, P.FUSE_FLOCK_LOCKS, P.FUSE_DONT_MASK, P.FUSE_SPLICE_READ,
-            P.FUSE_SPLICE_WRITE, P.FUSE_SPLICE_MOVE, P.FUSE_HANDLE_KILLPRIV_V2,
+            P.FUSE_SPLICE_WRITE, P.FUSE_SPLICE_MOVE, P.FUSE_HANDLE_KILLPRIV,
             P.FUSE_WRITEBACK_CACHE, P.FUSE_MAP_ALIGNMENT, P.FUSE_POSIX_ACL, P.FUSE_SETXATTR_EXT,
         ):  # fmt: skip
             assert not flags & never

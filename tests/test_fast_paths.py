@@ -96,3 +96,25 @@ async def test_writes_do_not_each_ask_for_security_capability(dirs):
     assert ops["WRITE"]["count"] == 100
     assert ops.get("GETXATTR", {"count": 0})["count"] <= 2, ops.get("GETXATTR")
     assert (src / "w").stat().st_size == 409600
+
+
+@pytest.mark.parametrize("read_ahead_kb", [0, 1024])
+async def test_the_readahead_window_makes_reads_large(dirs, read_ahead_kb):
+    src, mnt = dirs
+    (src / "big").write_bytes(bytes(range(256)) * 4096 * 8)  # 8 MiB
+    config = FsConfig(root=str(src), cache="auto")
+    async with await mount(config, str(mnt), read_ahead_kb=read_ahead_kb) as server:
+        conn = server.mount_info.conn
+        with open(f"/sys/class/bdi/{conn >> 20}:{conn & 0xFFFFF}/read_ahead_kb") as f:
+            window = int(f.read())
+        await run(
+            f"data = open('{mnt}/big', 'rb').read()\n"
+            f"assert data == bytes(range(256)) * 4096 * 8\n"
+        )
+        reads = server.stats()["requests"]["ops"]["READ"]["count"]
+    if read_ahead_kb:
+        assert window == read_ahead_kb
+        assert reads <= 24, reads  # 1 MiB READs, not 64 of 128 KiB
+    else:
+        assert window == 128  # the kernel's own
+        assert reads >= 60, reads
