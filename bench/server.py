@@ -101,9 +101,10 @@ class _suppress:
 async def _serve(args, config, stats_file: str) -> int:
     import asyncio
 
-    from runtime.server import MountedServer
+    from runtime.server import DEFAULT_READ_AHEAD_KB, MountedServer
 
-    server = MountedServer(config, args.mnt, queues=args.queues)
+    read_ahead = DEFAULT_READ_AHEAD_KB if args.read_ahead is None else args.read_ahead
+    server = MountedServer(config, args.mnt, queues=args.queues, read_ahead_kb=read_ahead)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -139,6 +140,7 @@ def main(argv: list[str]) -> int:
         f.write(str(os.getpid()))
     args = cli.build_parser().parse_args(["mount", src, mnt, "-f", *options])
     cli.setup_logging(args.debug)
+    cli.prepare_process()  # as `actorfs mount` does
     config = cli.make_config(args, os.path.realpath(src))
     if no_watch:
         config.watch = False
