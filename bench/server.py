@@ -101,10 +101,10 @@ class _suppress:
 async def _serve(args, config, stats_file: str) -> int:
     import asyncio
 
-    from runtime.server import DEFAULT_READ_AHEAD_KB, MountedServer
+    from runtime import cli
+    from runtime.server import MountedServer
 
-    read_ahead = DEFAULT_READ_AHEAD_KB if args.read_ahead is None else args.read_ahead
-    server = MountedServer(config, args.mnt, queues=args.queues, read_ahead_kb=read_ahead)
+    server = MountedServer(config, args.mnt, **cli.mount_options(args))
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

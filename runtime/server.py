@@ -27,7 +27,7 @@ from runtime import fuse_mount
 from runtime.dispatcher import Dispatcher
 from runtime.filesystem import ConfigError, Filesystem, FsConfig
 from runtime.fuse_mount import MountError
-from runtime.fuse_transport import FuseTransport
+from runtime.fuse_transport import DEFAULT_POLL_US, FuseTransport
 
 log = logging.getLogger("actorfs.server")
 
@@ -59,9 +59,11 @@ class MountedServer:
         max_in_flight: int = 256,
         use_fusermount: bool | None = None,
         read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
+        poll_us: int = DEFAULT_POLL_US,
     ):
         self.config = config
         self.read_ahead_kb = read_ahead_kb
+        self.poll_us = poll_us
         self.mountpoint = mountpoint
         self.allow_other = allow_other
         self.queues = queues or DEFAULT_QUEUES
@@ -198,7 +200,9 @@ class MountedServer:
         self.mount_info = m
         try:
             self.dispatcher = Dispatcher(fs, "fuse", self.max_in_flight)
-            transport = self.transport = FuseTransport(m.fd, self.dispatcher, queues=self.queues)
+            transport = self.transport = FuseTransport(
+                m.fd, self.dispatcher, queues=self.queues, poll_us=self.poll_us
+            )
         except BaseException:
             os.close(m.fd)  # the only fd: closing it aborts the connection
             with contextlib.suppress(MountError):
@@ -310,6 +314,7 @@ async def mount(
     max_in_flight: int = 256,
     use_fusermount: bool | None = None,
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
+    poll_us: int = DEFAULT_POLL_US,
 ) -> MountedServer:
     """Mount `config.root` on `mountpoint` and serve it; returns once the mount is ready."""
     server = MountedServer(
@@ -320,5 +325,6 @@ async def mount(
         max_in_flight=max_in_flight,
         use_fusermount=use_fusermount,
         read_ahead_kb=read_ahead_kb,
+        poll_us=poll_us,
     )
     return await server.start()

@@ -118,3 +118,19 @@ async def test_the_readahead_window_makes_reads_large(dirs, read_ahead_kb):
     else:
         assert window == 128  # the kernel's own
         assert reads >= 60, reads
+
+
+@pytest.mark.parametrize("poll_us", [0, 200])
+async def test_with_or_without_polling_every_request_is_answered(dirs, poll_us):
+    # Polling only changes when the reader sleeps, never what it answers.
+    src, mnt = dirs
+    async with await mount(FsConfig(root=str(src)), str(mnt), poll_us=poll_us) as server:
+        assert server.transport.poll_seconds == poll_us / 1e6
+        await run(
+            f"import os, time\n"
+            f"for i in range(30):\n"
+            f"    open('{mnt}/p%d' % i, 'w').write('x' * i)\n"
+            f"    time.sleep(0.001 if i % 3 else 0)  # idle gaps longer than the poll\n"
+            f"assert sorted(os.listdir('{mnt}')) == sorted('p%d' % i for i in range(30))\n"
+        )
+    assert all((src / f"p{i}").read_text() == "x" * i for i in range(30))

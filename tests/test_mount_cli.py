@@ -50,6 +50,10 @@ def tree(tmp_path):
         (["{t}/src", "{t}/mnt", "--queues", "0"], "out of range"),
         (["{t}/src", "{t}/mnt", "--queues", "many"], "not a whole number"),
         (["{t}/src", "{t}/mnt", "--stats-interval", "-1"], "more than 0 seconds"),
+        (["{t}/src", "{t}/mnt", "--poll", "-1"], "out of range: use 0 to 100000"),
+        (["{t}/src", "{t}/mnt", "--poll", "soon"], "not a whole number of microseconds"),
+        (["{t}/src", "{t}/mnt", "--read-ahead", "lots"], "not a whole number of KiB"),
+        (["{t}/src", "{t}/mnt", "--inline", "sometimes"], "invalid choice: 'sometimes'"),
         (["{t}/src", "{t}/mnt", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
