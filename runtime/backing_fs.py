@@ -7,6 +7,10 @@ hop of the blocking pool (20-40 us on a 2-core machine, more than the syscall
 itself) buys nothing, and ops run their syscalls inline on the loop. This
 module decides that once per filesystem (`inline_syscalls`).
 
+On a local disk filesystem (ext4, xfs, btrfs, f2fs) only fstat(2) of an fd
+we hold runs inline (`inline_fstat`): it reads the in-memory inode. Network
+and FUSE filesystems may go out for attributes, so they keep the pool.
+
 Inline stays off, whatever the root, when a syscall of an op could wait for
 this very server: with `--symlinks follow` (a lookup opens a link's target,
 which may lie behind our own mountpoint), and when our mountpoint lies
@@ -24,6 +28,10 @@ TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
 # Filesystems whose data lives in memory only.
 MEMORY_BACKED = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
+
+# Local disk filesystems: their getattr reads the in-memory inode (which an fd
+# we hold keeps in memory) and never waits for the disk.
+LOCAL_DISK = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0xF2F52010: "f2fs"}
 
 # Stacking filesystems: a backing file on them sits one level deeper, and
 # FUSE passthrough needs max_stack_depth above it.
@@ -45,6 +53,12 @@ def fs_type(path: str) -> int | None:
 
 def memory_backed(path: str) -> bool:
     return fs_type(path) in MEMORY_BACKED
+
+
+def fstat_never_blocks(path: str) -> bool:
+    """Whether fstat(2) of an fd beneath `path` is served from memory alone."""
+    t = fs_type(path)
+    return t in MEMORY_BACKED or t in LOCAL_DISK
 
 
 def stack_depth(path: str) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from actors.handles import HandleTable
 from actors.inode_table import InodeTable
-from runtime.backing_fs import INLINE_MODES, beneath, inline_syscalls
+from runtime.backing_fs import INLINE_MODES, beneath, fstat_never_blocks, inline_syscalls
 from runtime.blocking_pool import BlockingPool
 from runtime.supervisor import Supervisor
 
@@ -104,6 +104,10 @@ class Filesystem:
         self.pool = BlockingPool(config.pool_workers)
         # Whether ops run their syscalls on the loop (runtime/backing_fs.py).
         self.inline = inline_syscalls(config.inline, config.root, config.symlinks)
+        # fstat of a held fd on the loop: wherever it reads only memory.
+        self.inline_fstat = self.inline or (
+            config.inline == "auto" and fstat_never_blocks(config.root)
+        )
         self.inodes = InodeTable(config.root, max_inodes=config.max_inodes)
         self.handles = HandleTable(max_handles=config.max_handles)
         self.dax = None  # actors.dax.DaxWindow when a DAX window is configured
@@ -122,8 +126,8 @@ class Filesystem:
     def serving_at(self, mountpoint: str) -> None:
         """The client reaches us through `mountpoint`: inline syscalls must never
         stat our own mount (the loop would wait for itself)."""
-        if self.inline and beneath(os.path.realpath(mountpoint), self.root_path):
-            self.inline = False
+        if beneath(os.path.realpath(mountpoint), self.root_path):
+            self.inline = self.inline_fstat = False
 
     async def reset_session(self) -> None:
         """After FUSE_DESTROY: the client forgot everything; so do we (root stays).

@@ -431,8 +431,18 @@ async def getattr(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int | No
         fd = await fs.handles.dup_fd(fh)
     else:
         fd, _ = await fs.inodes.dup_fd(nodeid)
-    st = await _pool(fs, (fd,), os.fstat, fd)
+    st = await _fstat(fs, fd)
     return Attr.from_stat(st.st_ino, st)
+
+
+async def _fstat(fs: Filesystem, fd: int) -> os.stat_result:
+    """fstat of a dup we own: on the loop where that reads only memory."""
+    if fs.inline_fstat:
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+    return await _pool(fs, (fd,), os.fstat, fd)
 
 
 async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
@@ -836,7 +846,7 @@ async def fsyncdir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, da
 
 async def access(fs: Filesystem, ctx: RequestContext, nodeid: int, mask: int) -> None:
     fd, _ = await fs.inodes.dup_fd(nodeid)
-    st = await _pool(fs, (fd,), os.fstat, fd)
+    st = await _fstat(fs, fd)
     if mask & os.W_OK and fs.config.read_only:
         raise FsError(errno.EROFS)
     if mask == os.F_OK:

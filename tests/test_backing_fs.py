@@ -34,7 +34,11 @@ def test_tmpfs_is_memory_backed_and_gets_inline_syscalls(tmpfs):
 def test_a_disk_root_keeps_the_pool_unless_asked(tmp_path):
     if backing_fs.memory_backed(str(tmp_path)):
         pytest.skip(f"{tmp_path} is itself on tmpfs: no disk directory to test with")
-    assert not Filesystem(FsConfig(root=str(tmp_path))).inline
+    fs = Filesystem(FsConfig(root=str(tmp_path)))
+    assert not fs.inline
+    # fstat of a held fd reads the in-memory inode on a local disk filesystem.
+    assert fs.inline_fstat == (backing_fs.fs_type(str(tmp_path)) in backing_fs.LOCAL_DISK)
+    assert not Filesystem(FsConfig(root=str(tmp_path), inline="never")).inline_fstat
     assert Filesystem(FsConfig(root=str(tmp_path), inline="always")).inline
 
 
@@ -45,6 +49,7 @@ def test_a_mountpoint_beneath_the_root_turns_inline_off(tmp_path):
     (tmp_path / "mnt").mkdir()
     fs.serving_at(str(tmp_path / "mnt"))
     assert not fs.inline  # a lookup of "mnt" would stat our own mount from the loop
+    assert not fs.inline_fstat
 
 
 def test_bad_inline_mode_is_one_clear_error(tmp_path):
