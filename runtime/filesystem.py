@@ -126,7 +126,11 @@ class Filesystem:
     def serving_at(self, mountpoint: str) -> None:
         """The client reaches us through `mountpoint`: inline syscalls must never
         stat our own mount (the loop would wait for itself)."""
-        if beneath(os.path.realpath(mountpoint), self.root_path):
+        # realpath of the parent only: the mountpoint itself may already be one
+        # of our own mounts, and a stat of it from the loop would wait for itself.
+        mnt = os.path.abspath(mountpoint)
+        mnt = os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
+        if beneath(mnt, self.root_path):
             self.inline = self.inline_fstat = False
 
     async def reset_session(self) -> None:

@@ -199,7 +199,8 @@ def test_fd_caps_keep_the_server_answering_at_the_limit():
 async def test_flood_waits_for_slots_instead_of_queueing(tmp_path):
     """5000 GETATTRs against a stalled pool: at most max_in_flight run, the pool queue and
     the actors' mailboxes stay bounded, and every request is answered once the pool moves."""
-    async with session(tmp_path, max_in_flight=32, pool_workers=2) as (fs, client):
+    # inline="never": every GETATTR's fstat goes through the (stalled) pool.
+    async with session(tmp_path, max_in_flight=32, pool_workers=2, inline="never") as (fs, client):
         gate = threading.Event()
         pool = fs.pool
         blockers = [asyncio.ensure_future(pool.run(gate.wait, 30)) for _ in range(pool.max_queued)]
