@@ -8,8 +8,8 @@ caller in the blocking pool before or after asking the actor.
 `ask()` is request/reply: the handler's return value (or exception) comes back
 to the caller. When the actor is idle (its mailbox empty, its task parked on
 it) the handler runs at once in the asking task: the same one-at-a-time
-order, without two trips through the event loop (docs/ARCHITECTURE.md). `tell()` is fire-and-forget for messages whose reply nobody
-waits for (FORGET).
+order, without two trips through the event loop (docs/ARCHITECTURE.md).
+`tell()` is fire-and-forget for messages whose reply nobody waits for (FORGET).
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
                    help="do not watch the host for changes")  # fmt: skip
     p.add_argument("--inline", choices=INLINE_MODES, default="auto",
                    help="run syscalls on the event loop instead of the thread pool: "
-                        "auto (when SRC is on tmpfs or ramfs, which never wait for a disk), "
-                        "always, never")  # fmt: skip
+                        "auto (all of them when SRC is on tmpfs or ramfs, which never wait "
+                        "for a disk; only fstat on ext4, xfs, btrfs, f2fs), always, never")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
     p.add_argument("--stats-interval", type=_positive_float, metavar="N",
                    help="print request statistics to stderr every N seconds")  # fmt: skip

@@ -7,8 +7,10 @@ each request and write whatever `send` is handed.
 - Backpressure: at most `max_in_flight` requests run at once; `submit` waits
   for a slot, so a transport reading faster than ops complete just stops
   reading (the kernel queues) instead of growing an unbounded task set.
-- Every request runs as its own task and replies exactly once (never for
-  FORGET, BATCH_FORGET, INTERRUPT, NOTIFY_REPLY), with -errno on any failure.
+- Every request starts at once in the submitting task and runs there up to
+  its first wait (runtime/eager.py); only one that waits gets its own task.
+  Each replies exactly once (never for FORGET, BATCH_FORGET, INTERRUPT,
+  NOTIFY_REPLY), with -errno on any failure.
 - INIT is negotiated here; INTERRUPT cancels the target task (for ops that are
   safe to abandon midway) which then replies EINTR.
 - A frame buffer given to `submit` must stay untouched until its reply is

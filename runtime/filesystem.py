@@ -125,9 +125,9 @@ class Filesystem:
 
     def serving_at(self, mountpoint: str) -> None:
         """The client reaches us through `mountpoint`: inline syscalls must never
-        stat our own mount (the loop would wait for itself)."""
-        # realpath of the parent only: the mountpoint itself may already be one
-        # of our own mounts, and a stat of it from the loop would wait for itself.
+        stat our own mount (the loop would wait for itself), so they stay off
+        when it lies beneath the root. Only the parent is resolved: the
+        mountpoint may already be one of our own mounts."""
         mnt = os.path.abspath(mountpoint)
         mnt = os.path.join(os.path.realpath(os.path.dirname(mnt)), os.path.basename(mnt))
         if beneath(mnt, self.root_path):

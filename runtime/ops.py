@@ -18,7 +18,7 @@ import os
 import stat
 import sys
 
-from actors.inode_table import KIND_DIR, KIND_SYMLINK
+from actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
 from runtime import syscalls
 from runtime.attrs import (
     DT_BLK,
@@ -337,7 +337,7 @@ def _job_setattr(
         at = now if valid & FATTR_ATIME_NOW else (s.atime, s.atimensec) if valid & FATTR_ATIME else omit
         mt = now if valid & FATTR_MTIME_NOW else (s.mtime, s.mtimensec) if valid & FATTR_MTIME else omit
         syscalls.utimensat(fd, b"", at, mt, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
-    if valid & FATTR_KILL_SUIDGID and not valid & FATTR_MODE and kind == 0:
+    if valid & FATTR_KILL_SUIDGID and not valid & FATTR_MODE and kind == KIND_FILE:
         _kill_suidgid(fd, gid_of_caller)  # a truncate (or chown) by an unprivileged process
     return os.fstat(fd)
 
