@@ -495,11 +495,12 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
 
 
 # -- through the real dispatcher ------------------------------------------------------------
-def _fs_server(tmp_path, once=False):
+def _fs_server(tmp_path, once=False, inline="auto"):
     root = tmp_path / "root"
     root.mkdir()
     path = str(tmp_path / "fs.sock")
-    server = BackendThread(lambda: serve_vhost_user(FsConfig(root=str(root)), path, once=once))
+    config = FsConfig(root=str(root), inline=inline)
+    server = BackendThread(lambda: serve_vhost_user(config, path, once=once))
     _wait_for(path)
     return root, path, server
 
@@ -516,9 +517,11 @@ def _init(q):
     assert major == 7
 
 
-def test_fuse_session_over_virtio(tmp_path):
+# "always": what a tmpfs root gets, syscalls inline on the loop (runtime/backing_fs.py).
+@pytest.mark.parametrize("inline", ["never", "always"])
+def test_fuse_session_over_virtio(tmp_path, inline):
     pytest.importorskip("runtime.dispatcher")
-    root, path, server = _fs_server(tmp_path)
+    root, path, server = _fs_server(tmp_path, inline=inline)
     (root / "hello.txt").write_bytes(b"hello from the host\n")
     fe = Frontend(path)
     try:
@@ -623,9 +626,10 @@ def test_dax_setupmapping_goes_over_the_backend_channel(tmp_path):
         server.stop()
 
 
-def test_many_fuse_requests_in_flight(tmp_path):
+@pytest.mark.parametrize("inline", ["never", "always"])
+def test_many_fuse_requests_in_flight(tmp_path, inline):
     pytest.importorskip("runtime.dispatcher")
-    root, path, server = _fs_server(tmp_path)
+    root, path, server = _fs_server(tmp_path, inline=inline)
     for i in range(40):
         (root / f"f{i}").write_bytes(b"x" * i)
     fe = Frontend(path)
