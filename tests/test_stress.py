@@ -50,15 +50,18 @@ def stress_ng_cmd(stressor: str, path: str, seconds: int, instances: int = INSTA
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def mount(tmp_path_factory):
+# The source is on the disk: "inline" forces what a tmpfs source gets by default
+# (syscalls on the event loop), so both request paths take the stress.
+@pytest.fixture(scope="module", params=["pool", "inline"])
+def mount(request, tmp_path_factory):
     if shutil.which("stress-ng") is None:
         pytest.skip("stress-ng is not installed")
-    base = tmp_path_factory.mktemp("stress")
+    base = tmp_path_factory.mktemp(f"stress-{request.param}")
     src, mnt = base / "src", base / "mnt"
     src.mkdir()
     mnt.mkdir()
-    m = mount_util.CliMount(src, mnt)
+    options = ["--inline", "always"] if request.param == "inline" else ["--inline", "never"]
+    m = mount_util.CliMount(src, mnt, *options)
     m.start()
     try:
         yield src, mnt, m
