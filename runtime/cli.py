@@ -58,34 +58,27 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _queues(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= v <= 64:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: use 1 to 64")
-    return v
+def _whole_number(lo: int, hi: int, unit: str = "", lo_text: str = ""):
+    """An argparse type: a whole number from lo to hi, else one line saying so."""
+    of = f" of {unit}" if unit else ""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{of}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range: use {lo}{lo_text} to {hi}"
+            )
+        return v
+
+    return parse
 
 
-def _poll_us(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of microseconds") from None
-    if not 0 <= v <= 100_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: use 0 to 100000")
-    return v
-
-
-def _read_ahead(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of KiB") from None
-    if not 0 <= v <= 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: use 0 (the kernel's) to 1048576")
-    return v
+_queues = _whole_number(1, 64)
+_poll_us = _whole_number(0, 100_000, "microseconds")
+_read_ahead = _whole_number(0, 1 << 20, "KiB", " (the kernel's)")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)

@@ -371,11 +371,11 @@ def _job_xattr(fd: int, kind: int, fn, *args):
 # ops
 
 
-async def _pool(fs: Filesystem, fds, fn, *args):
-    """Run a job that owns `fds`: on the loop when the root cannot block
-    (fs.inline, runtime/backing_fs.py), else in the blocking pool."""
+async def _pool(fs: Filesystem, fds, fn, *args, inline: bool | None = None):
+    """Run a job that owns `fds`: on the loop when it cannot block (`inline`,
+    by default fs.inline: runtime/backing_fs.py), else in the blocking pool."""
     try:
-        if fs.inline:
+        if fs.inline if inline is None else inline:
             try:
                 return fn(*args)
             finally:
@@ -431,18 +431,8 @@ async def getattr(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int | No
         fd = await fs.handles.dup_fd(fh)
     else:
         fd, _ = await fs.inodes.dup_fd(nodeid)
-    st = await _fstat(fs, fd)
+    st = await _pool(fs, (fd,), os.fstat, fd, inline=fs.inline_fstat)
     return Attr.from_stat(st.st_ino, st)
-
-
-async def _fstat(fs: Filesystem, fd: int) -> os.stat_result:
-    """fstat of a dup we own: on the loop where that reads only memory."""
-    if fs.inline_fstat:
-        try:
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
-    return await _pool(fs, (fd,), os.fstat, fd)
 
 
 async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
@@ -846,7 +836,7 @@ async def fsyncdir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, da
 
 async def access(fs: Filesystem, ctx: RequestContext, nodeid: int, mask: int) -> None:
     fd, _ = await fs.inodes.dup_fd(nodeid)
-    st = await _fstat(fs, fd)
+    st = await _pool(fs, (fd,), os.fstat, fd, inline=fs.inline_fstat)
     if mask & os.W_OK and fs.config.read_only:
         raise FsError(errno.EROFS)
     if mask == os.F_OK:

@@ -305,26 +305,10 @@ async def _wait_anyio_event(event) -> None:
     await event.wait()
 
 
-async def mount(
-    config: FsConfig,
-    mountpoint: str,
-    *,
-    allow_other: bool = False,
-    queues: int | None = None,
-    max_in_flight: int = 256,
-    use_fusermount: bool | None = None,
-    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
-    poll_us: int = DEFAULT_POLL_US,
-) -> MountedServer:
-    """Mount `config.root` on `mountpoint` and serve it; returns once the mount is ready."""
-    server = MountedServer(
-        config,
-        os.path.abspath(mountpoint),
-        allow_other=allow_other,
-        queues=queues,
-        max_in_flight=max_in_flight,
-        use_fusermount=use_fusermount,
-        read_ahead_kb=read_ahead_kb,
-        poll_us=poll_us,
-    )
-    return await server.start()
+async def mount(config: FsConfig, mountpoint: str, **options) -> MountedServer:
+    """Mount `config.root` on `mountpoint` and serve it; returns once the mount is ready.
+
+    `options` are MountedServer's: allow_other, queues, max_in_flight,
+    use_fusermount, read_ahead_kb, poll_us.
+    """
+    return await MountedServer(config, os.path.abspath(mountpoint), **options).start()

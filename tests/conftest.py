@@ -30,3 +30,13 @@ def syscall_mode(request):
     helpers_fs.INLINE["mode"] = "never" if request.param == "pool" else "always"
     yield request.param
     helpers_fs.INLINE["mode"] = "never"
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """(src, mnt) for a real mount: src with a hello file, mnt empty; unmounted after."""
+    from mount_util import force_unmount, make_dirs
+
+    src, mnt = make_dirs(tmp_path)
+    yield src, mnt
+    force_unmount(mnt)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from runtime import protocol as P
 from runtime.dispatcher import Dispatcher
+from runtime.filesystem import Filesystem, FsConfig
 
 ROOT = 1
 U64 = 2**64 - 1
@@ -535,3 +536,12 @@ class RandomRequests:
             if r.random() < 0.5:
                 del frame[r.randrange(len(frame) + 1) :]
         return bytes(frame)
+
+
+@contextlib.asynccontextmanager
+async def session(root, max_in_flight: int = 64, **cfg):
+    """A running Filesystem over `root` and an initialised client of its dispatcher."""
+    async with Filesystem.running(FsConfig(root=str(root), **cfg)) as fs:
+        client = HostileClient(Dispatcher(fs, max_in_flight=max_in_flight))
+        await client.init()
+        yield fs, client

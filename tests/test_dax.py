@@ -302,16 +302,9 @@ async def test_cancelled_setup_leaves_nothing_behind(window, data_file):
 # -- the op layer --------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def fs_with_window(root, **kw):
-    fs = Filesystem(FsConfig(root=str(root), **kw))
-    fs.dax = DaxWindow.create(unique_name(), 8 * P)
-    async with fs.supervisor.started(fs.actors()):
-        try:
-            yield fs
-        finally:
-            fs.supervisor.request_stop()
-    fs.pool.shutdown()
+def fs_with_window(root, **kw):
+    """A running Filesystem with an in-process DAX window of 8 pages."""
+    return Filesystem.running(FsConfig(root=str(root), dax_name=unique_name(), dax_size=8 * P, **kw))
 
 
 async def test_ops_setupmapping_by_handle_and_by_nodeid(tmp_path):

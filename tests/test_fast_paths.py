@@ -34,6 +34,13 @@ async def run(script: str) -> str:
     return out.decode()
 
 
+async def ops_after(src, mnt, script: str) -> dict:
+    """Per-op request stats of a `--cache auto` mount after `script` ran on it."""
+    async with await mount(FsConfig(root=str(src), cache="auto"), str(mnt)) as server:
+        await run(script)
+        return server.stats()["requests"]["ops"]
+
+
 @pytest.mark.parametrize("cache", ["never", "auto", "always"])
 async def test_close_sends_no_flush_and_data_lands(dirs, cache):
     src, mnt = dirs
@@ -66,15 +73,14 @@ async def test_metadata_changes_cost_no_getattr_of_the_directory(dirs):
     # Without default_permissions (no allow_other) the kernel need not re-read
     # a directory's mode after each change in it before the next permission check.
     src, mnt = dirs
-    async with await mount(FsConfig(root=str(src), cache="auto"), str(mnt)) as server:
-        await run(
-            f"import os\n"
-            f"for i in range(50):\n"
-            f"    open('{mnt}/f%d' % i, 'w').close()\n"
-            f"    os.rename('{mnt}/f%d' % i, '{mnt}/g%d' % i)\n"
-            f"    os.unlink('{mnt}/g%d' % i)\n"
-        )
-        ops = server.stats()["requests"]["ops"]
+    ops = await ops_after(
+        src, mnt,
+        f"import os\n"
+        f"for i in range(50):\n"
+        f"    open('{mnt}/f%d' % i, 'w').close()\n"
+        f"    os.rename('{mnt}/f%d' % i, '{mnt}/g%d' % i)\n"
+        f"    os.unlink('{mnt}/g%d' % i)\n",
+    )  # fmt: skip
     assert ops["CREATE"]["count"] == 50 and ops["UNLINK"]["count"] == 50
     assert ops.get("GETATTR", {"count": 0})["count"] <= 5, ops.get("GETATTR")
     assert not list(src.iterdir())
@@ -84,15 +90,14 @@ async def test_writes_do_not_each_ask_for_security_capability(dirs):
     # HANDLE_KILLPRIV_V2: the kernel asks GETXATTR security.capability once per
     # file, not before every write(2).
     src, mnt = dirs
-    async with await mount(FsConfig(root=str(src), cache="auto"), str(mnt)) as server:
-        await run(
-            f"import os\n"
-            f"fd = os.open('{mnt}/w', os.O_RDWR | os.O_CREAT)\n"
-            f"for i in range(100):\n"
-            f"    os.write(fd, b'x' * 4096)\n"
-            f"os.close(fd)\n"
-        )
-        ops = server.stats()["requests"]["ops"]
+    ops = await ops_after(
+        src, mnt,
+        f"import os\n"
+        f"fd = os.open('{mnt}/w', os.O_RDWR | os.O_CREAT)\n"
+        f"for i in range(100):\n"
+        f"    os.write(fd, b'x' * 4096)\n"
+        f"os.close(fd)\n",
+    )  # fmt: skip
     assert ops["WRITE"]["count"] == 100
     assert ops.get("GETXATTR", {"count": 0})["count"] <= 2, ops.get("GETXATTR")
     assert (src / "w").stat().st_size == 409600

@@ -23,20 +23,11 @@ import subprocess
 import time
 
 import pytest
-from hostile_client import ROOT, HostileClient, RandomRequests, fd_count, scratch_tmpfs
+from hostile_client import ROOT, RandomRequests, fd_count, scratch_tmpfs, session
 
 from runtime import protocol as P
-from runtime.dispatcher import Dispatcher
 from runtime.filesystem import Filesystem, FsConfig
 from runtime.snapshot import restore, snapshot
-
-
-@contextlib.asynccontextmanager
-async def session(root, max_in_flight: int = 64, **cfg):
-    async with Filesystem.running(FsConfig(root=str(root), **cfg)) as fs:
-        client = HostileClient(Dispatcher(fs, max_in_flight=max_in_flight))
-        await client.init()
-        yield fs, client
 
 
 def make_tree(root, dirs: int = 6, files: int = 8) -> None:

@@ -28,11 +28,12 @@ from hostile_client import (
     RandomRequests,
     fd_count,
     scratch_tmpfs,
+    session,
 )
 
 from runtime import protocol as P
-from runtime.dispatcher import MAX_WRITE, Dispatcher
-from runtime.filesystem import Filesystem, FsConfig
+from runtime.dispatcher import MAX_WRITE
+from runtime.filesystem import FsConfig
 
 FRAMES = int(os.environ.get("ACTORFS_HOSTILE_FRAMES", "6000"))
 
@@ -64,13 +65,6 @@ def plant(root, canary: Canary) -> None:
     os.symlink("d", root / "s")  # stays inside: allowed
     os.symlink("nowhere", root / "broken")
 
-
-@contextlib.asynccontextmanager
-async def session(root, max_in_flight: int = 64, **cfg):
-    async with Filesystem.running(FsConfig(root=str(root), **cfg)) as fs:
-        client = HostileClient(Dispatcher(fs, max_in_flight=max_in_flight))
-        await client.init()
-        yield fs, client
 
 
 async def settle_and_check(fs, client: HostileClient, fds_before: int) -> None:

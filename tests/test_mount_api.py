@@ -14,20 +14,13 @@ import textwrap
 import threading
 
 import pytest
-from mount_util import env, force_unmount, is_mounted, make_dirs, needs_mount
+from mount_util import env, is_mounted, needs_mount
 
 from runtime.filesystem import FsConfig
 from runtime.fuse_mount import MountError
 from runtime.server import MountedServer, mount
 
 pytestmark = [needs_mount, pytest.mark.mount, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    src, mnt = make_dirs(tmp_path)
-    yield src, mnt
-    force_unmount(mnt)
 
 
 async def run(*argv: str, timeout: float = 60) -> tuple[int, str]:

@@ -20,7 +20,6 @@ from mount_util import (
     cli,
     force_unmount,
     is_mounted,
-    make_dirs,
     needs_mount,
     pid_alive,
     py,
@@ -29,13 +28,6 @@ from mount_util import (
 )
 
 pytestmark = [needs_mount, pytest.mark.mount, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    src, mnt = make_dirs(tmp_path)
-    yield src, mnt
-    force_unmount(mnt)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

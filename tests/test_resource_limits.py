@@ -9,7 +9,6 @@ huge READs does not grow memory with the size asked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import resource
@@ -19,22 +18,14 @@ import textwrap
 import threading
 
 import pytest
-from hostile_client import ROOT, HostileClient, fd_count
+from hostile_client import ROOT, fd_count, session
 
 from runtime import protocol as P
-from runtime.dispatcher import Dispatcher
-from runtime.filesystem import Filesystem, FsConfig
+from runtime.filesystem import FsConfig
 from runtime.limits import apply_fd_caps, fd_caps, raise_nofile_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@contextlib.asynccontextmanager
-async def session(root, max_in_flight: int = 64, **cfg):
-    async with Filesystem.running(FsConfig(root=str(root), **cfg)) as fs:
-        client = HostileClient(Dispatcher(fs, max_in_flight=max_in_flight))
-        await client.init()
-        yield fs, client
 
 
 def run_py(code: str, timeout: float = 120) -> str:
