@@ -180,9 +180,11 @@ class Filesystem:
     @contextlib.asynccontextmanager
     async def running(cls, config: FsConfig) -> AsyncIterator[Filesystem]:
         fs = cls(config)
-        async with fs.supervisor.started(fs.actors()):
-            try:
-                yield fs
-            finally:
-                fs.supervisor.request_stop()
-        fs.pool.shutdown()
+        try:
+            async with fs.supervisor.started(fs.actors()):
+                try:
+                    yield fs
+                finally:
+                    fs.supervisor.request_stop()
+        finally:
+            fs.pool.shutdown()  # also when the body failed: no thread left behind

@@ -122,8 +122,11 @@ async def test_queues_and_passthrough(dirs):
 
 async def test_mount_errors_are_mount_errors(dirs, tmp_path):
     src, mnt = dirs
+    threads = set(threading.enumerate())
     with pytest.raises(MountError, match="does not exist"):
         await mount(FsConfig(root=str(src)), str(tmp_path / "nope"))
+    # A mount that failed leaves no pool thread behind.
+    assert not [t for t in set(threading.enumerate()) - threads if t.name.startswith("actorfs-pool")]
     with pytest.raises(MountError, match="does not exist"):
         await mount(FsConfig(root=str(tmp_path / "nosrc")), str(mnt))
     async with await mount(FsConfig(root=str(src)), str(mnt)):
