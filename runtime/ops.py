@@ -174,7 +174,7 @@ def _check_contained(pfd: int, name: bytes, root: bytes) -> None:
     os.close(tfd)
 
 
-def _own_new(fd: int, pst: os.stat_result, ctx: RequestContext, euid: int, egid: int) -> None:
+def _own_new(fd: int, pfd: int, ctx: RequestContext, euid: int, egid: int) -> None:
     """Give a new object to the requester, as a kernel filesystem would.
 
     Only when we run as root and the requester is someone else. A setgid
@@ -182,7 +182,7 @@ def _own_new(fd: int, pst: os.stat_result, ctx: RequestContext, euid: int, egid:
     """
     if euid != 0 or (ctx.uid == euid and ctx.gid == egid):
         return
-    gid = -1 if pst.st_mode & stat.S_ISGID else ctx.gid
+    gid = -1 if os.fstat(pfd).st_mode & stat.S_ISGID else ctx.gid  # pfd: the parent
     syscalls.fchownat(fd, b"", ctx.uid, gid, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
 
 
@@ -237,7 +237,7 @@ def _job_make(pfd, name, kind, mode, rdev, target, ctx, euid, egid, umask_proc):
         os.symlink(target, name, dir_fd=pfd)
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
     try:
-        _own_new(fd, os.fstat(pfd), ctx, euid, egid)
+        _own_new(fd, pfd, ctx, euid, egid)
         if kind != "symlink":
             _fix_mode(fd, mode, umask_proc)
         return fd, os.fstat(fd)
@@ -262,7 +262,7 @@ def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc, kill_gid=-1
         pfd2 = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
         try:
             if created:
-                _own_new(pfd2, os.fstat(pfd), ctx, euid, egid)
+                _own_new(pfd2, pfd, ctx, euid, egid)
                 _fix_mode(pfd2, mode, umask_proc)
             return fd, pfd2, os.fstat(pfd2)
         except BaseException:
