@@ -4,10 +4,9 @@ A distinct fh per OPEN/OPENDIR/CREATE; RELEASE/RELEASEDIR close. fhs are never
 reused while the server runs, so a stale fh from a confused or hostile client
 gets EBADF instead of someone else's file.
 
-Directory handles also hold the directory stream: the listing is read once per
-open handle (and again on a rewind to offset 0) and served with stable offsets,
-so a listing split over several READDIR calls neither skips nor repeats entries
-while the directory changes.
+A directory handle holds only its fd: READDIR reads from the host at the
+host's own offsets each time (runtime/dirstream.py), so a handle costs no
+memory beyond the fd however large the directory.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ class Handle:
     fd: int
     nodeid: int
     is_dir: bool
-    # Directory stream: tuple of (ino, d_type, name) with "." and ".." first;
-    # the entry at index i has offset i + 1 (the offset of the next entry).
-    entries: tuple | None = None
     backing_id: int = 0  # FUSE passthrough backing id, closed on release
 
 
@@ -58,13 +54,6 @@ class HandleTable(Actor):
     async def remove(self, fh: int, want_dir: bool | None = None) -> Handle:
         """Forget the fh; the caller closes Handle.fd (in the pool) and its backing id."""
         return await self.ask(self._remove, fh, want_dir)
-
-    async def dir_entries(self, fh: int) -> tuple[tuple | None, int]:
-        """(cached stream or None, dup of the dir fd for (re)reading it)."""
-        return await self.ask(self._dir_entries, fh, orphan=_close_second)
-
-    async def set_dir_entries(self, fh: int, entries: tuple) -> None:
-        await self.ask(self._set_dir_entries, fh, entries)
 
     async def reset(self) -> list[Handle]:
         """A new session (after DESTROY): forget every handle; the caller closes the fds."""
@@ -101,15 +90,6 @@ class HandleTable(Actor):
         del self._handles[fh]
         return h
 
-    def _dir_entries(self, fh: int) -> tuple[tuple | None, int]:
-        h = self._lookup(fh, True)
-        return h.entries, os.dup(h.fd)
-
-    def _set_dir_entries(self, fh: int, entries: tuple) -> None:
-        h = self._handles.get(fh)
-        if h is not None:
-            h.entries = entries
-
     def _reset(self) -> list[Handle]:
         gone = list(self._handles.values())
         self._handles.clear()
@@ -123,6 +103,3 @@ class HandleTable(Actor):
                 pass
         self._handles.clear()
 
-
-def _close_second(result: tuple) -> None:
-    os.close(result[1])

@@ -19,16 +19,8 @@ import stat
 import sys
 
 from actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
-from runtime import syscalls
+from runtime import dirstream, syscalls
 from runtime.attrs import (
-    DT_BLK,
-    DT_CHR,
-    DT_DIR,
-    DT_FIFO,
-    DT_LNK,
-    DT_REG,
-    DT_SOCK,
-    DT_UNKNOWN,
     FATTR_ATIME,
     FATTR_ATIME_NOW,
     FATTR_FH,
@@ -54,7 +46,6 @@ from runtime.attrs import (
     StatFs,
     dirent_size,
     direntplus_size,
-    dtype_of_mode,
 )
 from runtime.blocking_pool import close_all
 from runtime.errno_map import FsError
@@ -273,35 +264,6 @@ def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc, kill_gid=-1
         raise
 
 
-def _job_readdir(dfd: int) -> tuple:
-    """The whole listing of an open directory: ((ino, d_type, name), ...), "." and ".." first."""
-    os.lseek(dfd, 0, os.SEEK_SET)
-    me = os.fstat(dfd).st_ino
-    out = [(me, DT_DIR, b"."), (me, DT_DIR, b"..")]
-    with os.scandir(dfd) as it:
-        for e in it:
-            if e.is_symlink():
-                t = DT_LNK
-            elif e.is_dir(follow_symlinks=False):
-                t = DT_DIR
-            elif e.is_file(follow_symlinks=False):
-                t = DT_REG
-            else:
-                t = _dtype_slow(dfd, e.name)
-            out.append((e.inode(), t, os.fsencode(e.name)))
-    return tuple(out)
-
-
-def _dtype_slow(dfd: int, name: str) -> int:
-    try:
-        return dtype_of_mode(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
-    except OSError:
-        return DT_UNKNOWN
-
-
-_ = (DT_BLK, DT_CHR, DT_FIFO, DT_SOCK)
-
-
 def _job_lookup_many(pfd: int, names: list[bytes], policy: str, root: bytes, want_dup: bool):
     out = []
     for name in names:
@@ -359,11 +321,13 @@ def _fsync_fd(fd: int, datasync: bool) -> None:
 
 
 def _job_xattr(fd: int, kind: int, fn, *args):
-    """xattr syscalls on the object behind an O_PATH fd (f*xattr refuse O_PATH)."""
-    if kind == KIND_SYMLINK:
-        # Through /proc the symlink would be followed; user.* is not allowed on
-        # symlinks anyway (EPERM), and we never touch the link's target.
-        raise FsError(errno.EPERM if fn is not os.listxattr else errno.EOPNOTSUPP)
+    """xattr syscalls on the object behind an O_PATH fd (f*xattr refuse O_PATH).
+
+    /proc/self/fd/N is a magic link to the object itself: following it lands
+    on a symlink's own inode, never on the link's target, so a symlink gets
+    what the host kernel answers for that link (ENODATA for user.*, its real
+    security.* / trusted.* names), as lgetxattr(2) would.
+    """
     return fn(proc_fd(fd), *args)
 
 
@@ -759,42 +723,32 @@ async def opendir(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int =
     return Opened(fh, flags_out)
 
 
-async def _dir_slice(fs: Filesystem, fh: int, offset: int) -> tuple:
-    entries, dfd = await fs.handles.dir_entries(fh)
-    if entries is None or offset == 0:
-        entries = await _pool(fs, (dfd,), _job_readdir, dfd)
-        await fs.handles.set_dir_entries(fh, entries)
-    else:
-        os.close(dfd)
-    if offset < 0 or offset > len(entries):
-        return entries, len(entries)
-    return entries, offset
+async def _dir_batch(fs: Filesystem, fh: int, offset: int, size: int) -> list:
+    """Host entries from cookie `offset` (runtime/dirstream.py): nothing is kept per handle."""
+    dfd = await fs.handles.dup_fd(fh, want_dir=True)
+    return await _pool(fs, (dfd,), dirstream.read, dfd, offset, size, fh)
 
 
 async def readdir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int) -> list[DirEntry]:
-    entries, start = await _dir_slice(fs, fh, offset)
     out, used = [], 0
-    for i in range(start, len(entries)):
-        ino, t, name = entries[i]
+    for ino, off, t, name in await _dir_batch(fs, fh, offset, size):
         used += dirent_size(len(name))
         if used > size:
             break
-        out.append(DirEntry(ino, i + 1, t, name))
+        out.append(DirEntry(ino, off, t, name))
     return out
 
 
 async def readdirplus(
     fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, size: int
 ) -> list[DirEntryPlus]:
-    entries, start = await _dir_slice(fs, fh, offset)
     fit, used = [], 0
-    for i in range(start, len(entries)):
-        name = entries[i][2]
-        used += direntplus_size(len(name))
+    for ent in await _dir_batch(fs, fh, offset, size):
+        used += direntplus_size(len(ent[3]))
         if used > size:
             break
-        fit.append(i)
-    names = [entries[i][2] for i in fit if entries[i][2] not in (b".", b"..")]
+        fit.append(ent)
+    names = [ent[3] for ent in fit if ent[3] not in (b".", b"..")]
     found: dict[bytes, Entry] = {}
     if names:
         pfd, _ = await fs.inodes.dup_fd(nodeid)
@@ -815,12 +769,11 @@ async def readdirplus(
                 else:
                     os.close(wfd)
     out = []
-    for i in fit:
-        ino, t, name = entries[i]
+    for ino, off, t, name in fit:
         e = found.get(name)
         if e is None:  # ".", "..", or vanished/refused: a plain dirent, no lookup counted
             e = Entry(0, 0, Attr(ino, 0, 0, 0, 0, 0, 0, 0, 0, t << 12, 0, 0, 0, 0, 0), 0.0, 0.0)
-        out.append(DirEntryPlus(e, DirEntry(ino, i + 1, t, name)))
+        out.append(DirEntryPlus(e, DirEntry(ino, off, t, name)))
     return out
 
 
@@ -880,6 +833,8 @@ async def getxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes
 
 async def listxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, size: int) -> bytes | int:
     names = await _xattr(fs, nodeid, os.listxattr)
+    if ctx.uid != 0:  # the host lists trusted.* to CAP_SYS_ADMIN only; the FUSE client never filters
+        names = [n for n in names if not n.startswith("trusted.")]
     blob = b"".join(os.fsencode(n) + b"\0" for n in names)
     if size == 0:
         return len(blob)
