@@ -94,9 +94,16 @@ def parse_size(text: str) -> int:
 
 def _add_fs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symlinks", choices=SYMLINK_POLICIES, default="opaque",
-                   help="opaque: served as links, those leading out of the root refused (default); "
-                        "follow: served as their targets, even outside the root; "
-                        "deny: as opaque, and no new symlinks or hard links")  # fmt: skip
+                   help="opaque: served as links whatever their target says, never followed by "
+                        "the server (default); follow: served as their targets, even outside the "
+                        "root; deny: no new symlinks or hard links, and links whose target leaves "
+                        "the root refused (EACCES)")  # fmt: skip
+    p.add_argument("--no-devices", dest="devices", action="store_false",
+                   help="refuse mknod of character and block devices (EPERM; the overlayfs "
+                        "whiteout c 0 0 stays allowed). Without it a root client may make device "
+                        "nodes in SRC, as it could on the host: the server never opens them, but "
+                        "host programs that open files in SRC would; a nodev mount of SRC's "
+                        "filesystem disarms them")  # fmt: skip
     p.add_argument("--cache", choices=CACHE_MODES, default="auto",
                    help="client caching: never (direct I/O), auto (1 s), always (host changes watched)")  # fmt: skip
     p.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
@@ -165,6 +172,7 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         writeback=getattr(args, "writeback", False),
         passthrough=getattr(args, "passthrough", False),
         read_only=args.read_only,
+        devices=getattr(args, "devices", True),
         watch=getattr(args, "watch", None),
         inline=getattr(args, "inline", "auto"),
     )

@@ -37,6 +37,7 @@ class FsConfig:
     writeback: bool = False
     passthrough: bool = False
     read_only: bool = False
+    devices: bool = True  # mknod of character/block devices (but c 0 0, a whiteout)
     max_inodes: int = 1 << 20  # cap on live O_PATH fds (EMFILE beyond)
     max_handles: int = 1 << 18  # cap on open file/dir handles (EMFILE beyond)
     pool_workers: int | None = None

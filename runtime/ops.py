@@ -108,8 +108,12 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
                     os.close(fd)
                     fd = tfd
                     st = os.fstat(fd)
-            else:
-                _check_contained(pfd, name, root)
+            elif policy == "deny" and _leaves_root(pfd, name, root):
+                raise FsError(errno.EACCES, "symlink points outside the root")
+            # opaque: a link is an object like any other, whatever its target
+            # says. The server never follows one (every object is reached
+            # through an O_PATH fd beneath the root), so the text leads the
+            # server nowhere; the client resolves it in its own namespace.
         dup = os.dup(fd) if want_dup and stat.S_ISDIR(st.st_mode) else -1
         return fd, st, dup
     except BaseException:
@@ -117,52 +121,45 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
         raise
 
 
-def _check_contained(pfd: int, name: bytes, root: bytes) -> None:
-    """EACCES if the symlink parent/name resolves to an object outside the root.
+def _leaves_root(pfd: int, name: bytes, root: bytes) -> bool:
+    """Whether the symlink parent/name, read as text, would lead out of the root.
 
-    The kernel resolves the link, but beneath the root only (openat2 with
-    RESOLVE_BENEATH from the root, along the parent's current path): a step
-    that would leave the root (an absolute target, ".." above it) fails there,
-    so no host object outside the root is ever looked at. A plain open would
-    walk anywhere on the host, this server's own mount included, where each
-    hop holds a pool thread waiting for a reply that needs another one (links
-    pointing at each other through the mountpoint deadlocked the server). An
-    absolute target spelled with the root's own path is resolved beneath it.
-    A broken or looping link is allowed (as the reference does): the server
-    never follows a link, so it cannot be used to reach anything.
+    Decided lexically (`--symlinks deny`): the target is read, never resolved,
+    so nothing outside the root (this server's own mount included) is looked
+    at. An absolute target must name the root or lie beneath its path; a
+    relative one may not climb with ".." above the root from the parent's
+    place in it. A link through another link is refused at that link's own
+    LOOKUP: the client resolves one component at a time, each checked here.
+    A parent no longer beneath the root counts as the root itself (stricter).
     """
     base = root.rstrip(b"/")
-    prefix = base + b"/"
     try:
         target = os.readlink(name, dir_fd=pfd)
-        parent = os.readlink(proc_fd(pfd))
     except OSError:
-        return
+        return False  # gone or replaced meanwhile: not a link any more
     if target.startswith(b"/"):
-        if target.rstrip(b"/") == base:
-            return  # the root itself
-        if not target.startswith(prefix):
-            raise FsError(errno.EACCES, "symlink points outside the root")
-        rel = target[len(prefix) :]
-    elif parent.rstrip(b"/") == base:
-        rel = name
-    elif parent.startswith(prefix):
-        rel = parent[len(prefix) :] + b"/" + name
+        if base and target != base and not target.startswith(base + b"/"):
+            return True
+        parts, depth = target[len(base) :].split(b"/"), 0
     else:
-        return  # the parent left the root (or was deleted): nothing is served through it
-    rfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        tfd = syscalls.openat2(
-            rfd, rel, os.O_PATH | os.O_CLOEXEC,
-            syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_MAGICLINKS,
-        )  # fmt: skip
-    except OSError as e:
-        if e.errno == errno.EXDEV:
-            raise FsError(errno.EACCES, "symlink points outside the root") from None
-        return  # broken, looping, or changed meanwhile
-    finally:
-        os.close(rfd)
-    os.close(tfd)
+        try:
+            parent = os.readlink(proc_fd(pfd))
+        except OSError:
+            parent = b""
+        depth = 0
+        if base and parent.startswith(base + b"/"):
+            depth = len([c for c in parent[len(base) + 1 :].split(b"/") if c])
+        elif not base and parent.startswith(b"/"):
+            depth = len([c for c in parent.split(b"/") if c])
+        parts = target.split(b"/")
+    for c in parts:
+        if c == b"..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif c and c != b".":
+            depth += 1
+    return False
 
 
 def _own_new(fd: int, pfd: int, ctx: RequestContext, euid: int, egid: int) -> None:
@@ -453,10 +450,18 @@ async def mknod(
     fmt = stat.S_IFMT(mode)
     if fmt == 0:
         fmt = stat.S_IFREG
-    if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
-        # Device nodes made by a client on the host are a way out of the root.
-        raise FsError(errno.EPERM, "device nodes are not created")
-    return await _make(fs, ctx, parent, name, "node", fmt | ((mode & ~umask) & 0o7777))
+    if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+        raise FsError(errno.EINVAL, f"mknod of file type {fmt:#o}")
+    if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        # A device node is inert to the server (it opens regular files and
+        # directories only); the host kernel decides who may make one
+        # (CAP_MKNOD). --no-devices refuses them, but for overlayfs's whiteout
+        # (c 0 0), which opens nothing anywhere.
+        if not fs.config.devices and not (fmt == stat.S_IFCHR and rdev == 0):
+            raise FsError(errno.EPERM, "device nodes are refused (--no-devices)")
+    else:
+        rdev = 0
+    return await _make(fs, ctx, parent, name, "node", fmt | ((mode & ~umask) & 0o7777), rdev)
 
 
 async def symlink(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, target: bytes) -> Entry:

@@ -42,13 +42,41 @@ async def test_lookup_rejects_bad_names(tmp_path, name):
         assert await errno_of(ops.lookup(fs, CTX, ROOT, name)) == errno.EINVAL
 
 
-async def test_lookup_blocks_external_symlink_by_default(tmp_path):
+async def test_lookup_serves_external_symlink_as_a_link_by_default(tmp_path):
+    """Departs from the reference on purpose (docs/ARCHITECTURE.md): under opaque
+    a link leading out of the root is served as the link itself, never followed."""
     root = tmp_path / "root"
     root.mkdir()
     (tmp_path / "secret").write_text("s")
     os.symlink(tmp_path / "secret", root / "escape")
+    os.symlink("../secret", root / "up")
     async with running(root) as fs:
-        assert await errno_of(ops.lookup(fs, CTX, ROOT, b"escape")) == errno.EACCES
+        for name in (b"escape", b"up"):
+            e = await ops.lookup(fs, CTX, ROOT, name)
+            assert stat.S_ISLNK(e.attr.mode)
+            assert await ops.readlink(fs, CTX, e.nodeid) == os.fsencode(os.readlink(root / os.fsdecode(name)))
+            assert await errno_of(ops.open(fs, CTX, e.nodeid, os.O_RDONLY)) == errno.ELOOP
+            await ops.unlink(fs, CTX, ROOT, name)
+    assert os.listdir(root) == []
+
+
+async def test_lookup_blocks_external_symlink_under_deny(tmp_path):
+    root = tmp_path / "root"
+    (root / "d" / "e").mkdir(parents=True)
+    (tmp_path / "secret").write_text("s")
+    os.symlink(tmp_path / "secret", root / "escape")
+    os.symlink("../secret", root / "up")
+    os.symlink("../../../secret", root / "d" / "e" / "up3")
+    os.symlink("../../x", root / "d" / "e" / "in2")
+    os.symlink(str(root / "d"), root / "abs_in")
+    os.symlink("/", root / "slash")
+    async with running(root, symlinks="deny") as fs:
+        d = await ops.lookup(fs, CTX, ROOT, b"d")
+        e = await ops.lookup(fs, CTX, d.nodeid, b"e")
+        for parent, name in ((ROOT, b"escape"), (ROOT, b"up"), (e.nodeid, b"up3"), (ROOT, b"slash")):
+            assert await errno_of(ops.lookup(fs, CTX, parent, name)) == errno.EACCES, name
+        for parent, name in ((e.nodeid, b"in2"), (ROOT, b"abs_in")):
+            assert stat.S_ISLNK((await ops.lookup(fs, CTX, parent, name)).attr.mode)
 
 
 async def test_lookup_allows_internal_symlink_by_default(tmp_path):
@@ -130,12 +158,13 @@ async def test_symlink_create_inside_mount(tmp_path):
     assert os.readlink(tmp_path / "link") == "target"
 
 
-async def test_symlink_external_target_stored_verbatim_but_lookup_refused(tmp_path):
+async def test_symlink_external_target_stored_verbatim_and_served_as_a_link(tmp_path):
     async with running(tmp_path) as fs:
         e = await ops.symlink(fs, CTX, ROOT, b"pw", b"/etc/passwd")
         assert await ops.readlink(fs, CTX, e.nodeid) == b"/etc/passwd"
         assert os.readlink(tmp_path / "pw") == "/etc/passwd"
-        assert await errno_of(ops.lookup(fs, CTX, ROOT, b"pw")) == errno.EACCES
+        e2 = await ops.lookup(fs, CTX, ROOT, b"pw")
+        assert e2.nodeid == e.nodeid and stat.S_ISLNK(e2.attr.mode) and e2.attr.size == 11
 
 
 async def test_symlink_and_link_blocked_by_deny(tmp_path):

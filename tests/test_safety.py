@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pytest
 from helpers_fs import CTX, ROOT, errno_of, ops, running
@@ -47,7 +48,8 @@ async def test_client_renames_symlink_over_held_directory(tree):
         # the held nodeid still means the real directory, now named d-old
         e, o = await ops.create(fs, CTX, d.nodeid, b"secret", 0o644, os.O_RDWR)
         await ops.write(fs, CTX, e.nodeid, o.fh, 0, b"mine")
-        assert await errno_of(ops.lookup(fs, CTX, ROOT, b"d")) == errno.EACCES
+        # "d" is now the link itself (opaque: served, never followed)
+        assert stat.S_ISLNK((await ops.lookup(fs, CTX, ROOT, b"d")).attr.mode)
         await ops.mkdir(fs, CTX, d.nodeid, b"sub2", 0o755)
     assert (root / "d-old" / "secret").read_text() == "mine"
 
@@ -67,7 +69,9 @@ async def test_host_swaps_directory_for_symlink_while_nodeid_held(tree):
         names = {x.name for x in await ops.readdir(fs, CTX, d.nodeid, od.fh, 0, 1 << 16)}
         assert b"secret" not in names and b"inside" in names
         await ops.create(fs, CTX, d.nodeid, b"new", 0o644, os.O_RDWR)
-        assert await errno_of(ops.lookup(fs, CTX, ROOT, b"d")) == errno.EACCES
+        link = await ops.lookup(fs, CTX, ROOT, b"d")
+        assert stat.S_ISLNK(link.attr.mode)
+        assert await errno_of(ops.open(fs, CTX, link.nodeid, os.O_RDONLY)) == errno.ELOOP
     assert (root / "d-moved" / "new").exists()
 
 
@@ -93,18 +97,28 @@ async def test_symlink_chains_and_dotdot_targets_under_opaque_and_deny(tree):
     for policy in ("opaque", "deny"):
         async with running(root, symlinks=policy) as fs:
             a = await ops.lookup(fs, CTX, ROOT, b"a")
-            for name in (b"up", b"chain"):
-                assert await errno_of(ops.lookup(fs, CTX, a.nodeid, name)) == errno.EACCES
-            assert await errno_of(ops.lookup(fs, CTX, ROOT, b"abs")) == errno.EACCES
+            # "chain" reads as a/up, inside: served; the client resolving it
+            # looks "up" up next, which deny refuses.
+            chain = await ops.lookup(fs, CTX, a.nodeid, b"chain")
+            assert stat.S_ISLNK(chain.attr.mode)
+            if policy == "deny":
+                assert await errno_of(ops.lookup(fs, CTX, a.nodeid, b"up")) == errno.EACCES
+                assert await errno_of(ops.lookup(fs, CTX, ROOT, b"abs")) == errno.EACCES
+            else:  # opaque: links are objects, whatever the text says
+                up = await ops.lookup(fs, CTX, a.nodeid, b"up")
+                assert await ops.readlink(fs, CTX, up.nodeid) == b"../../canary/secret"
+                assert await errno_of(ops.open(fs, CTX, up.nodeid, os.O_RDONLY)) == errno.ELOOP
+                assert stat.S_ISLNK((await ops.lookup(fs, CTX, ROOT, b"abs")).attr.mode)
             inner = await ops.lookup(fs, CTX, a.nodeid, b"inner")  # stays inside: allowed
             assert await ops.readlink(fs, CTX, inner.nodeid) == b"../a"
             # opening a symlink nodeid never follows it
             assert await errno_of(ops.open(fs, CTX, inner.nodeid, os.O_RDONLY)) == errno.ELOOP
-            # readdirplus does not hand out entries for escaping links either
+            # readdirplus hands out entries for escaping links under opaque only
             od = await ops.opendir(fs, CTX, a.nodeid)
             plus = await ops.readdirplus(fs, CTX, a.nodeid, od.fh, 0, 1 << 16)
             by = {p.dirent.name: p.entry.nodeid for p in plus}
-            assert by[b"up"] == 0 and by[b"chain"] == 0 and by[b"inner"] != 0
+            assert (by[b"up"] == 0) == (policy == "deny")
+            assert by[b"chain"] != 0 and by[b"inner"] != 0
 
 
 async def test_dotdot_never_walks_out(tree):

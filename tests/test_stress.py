@@ -75,18 +75,7 @@ def alive(m, mnt) -> None:
     assert p.returncode == 0, p.stderr
 
 
-# Known server bugs these stressors expose (see docs/RELIABILITY.md, "Open findings").
-OPAQUE_CAUSE = (
-    "policy opaque refuses LOOKUP (EACCES) of links whose target is outside the root; a "
-    "client's absolute links name client-side paths, so it cannot lstat, unlink or rename "
-    "the links it made (stress-ng cannot clean up)"
-)
-MARKS = {"symlink": pytest.mark.xfail(strict=True, reason=OPAQUE_CAUSE)}
-
-
-@pytest.mark.parametrize(
-    "stressor", [pytest.param(s, marks=MARKS.get(s, ())) for s in sorted(STRESSORS)]
-)
+@pytest.mark.parametrize("stressor", sorted(STRESSORS))
 def test_stress_ng(mount, stressor):
     src, mnt, m = mount
     work = mnt / stressor
