@@ -201,6 +201,8 @@ class Dispatcher:
             raise ValueError("max_in_flight must be at least 1")
         self.fs = fs
         self.transport = transport
+        if transport == "virtiofs":
+            fs.host_callers = False  # guest pids name no host process (runtime/creds.py)
         self.max_in_flight = max_in_flight
         # The op layer; tests may pass their own namespace.
         self.ops = ops if ops is not None else _load("runtime.ops")

@@ -102,6 +102,10 @@ class Filesystem:
         self.root_path = config.root
         self.euid = os.geteuid()
         self.egid = os.getegid()
+        # Requests come from host processes (/dev/fuse): their pids name them,
+        # and changes run with their credentials (runtime/creds.py). The
+        # virtio-fs dispatcher clears it: a guest's pid means nothing here.
+        self.host_callers = True
         self.pool = BlockingPool(config.pool_workers)
         # Whether ops run their syscalls on the loop (runtime/backing_fs.py).
         self.inline = inline_syscalls(config.inline, config.root, config.symlinks)

@@ -19,7 +19,7 @@ import stat
 import sys
 
 from actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
-from runtime import dirstream, syscalls
+from runtime import creds, dirstream, syscalls
 from runtime.attrs import (
     FATTR_ATIME,
     FATTR_ATIME_NOW,
@@ -162,22 +162,46 @@ def _leaves_root(pfd: int, name: bytes, root: bytes) -> bool:
     return False
 
 
-def _own_new(fd: int, pfd: int, ctx: RequestContext, euid: int, egid: int) -> None:
-    """Give a new object to the requester, as a kernel filesystem would.
+def _creator(fs: Filesystem, ctx: RequestContext) -> creds.Creds | None:
+    """Who a create op (mkdir, mknod, symlink, create, link) runs as: the
+    requester, on both transports, so the new object is theirs from birth and
+    nothing is chowned after the fact (runtime/creds.py). None: as the server
+    (a request by the server's own uid/gid, or a server that is not root).
+    Supplementary groups only for a host process (/dev/fuse)."""
+    if not creds.needed(fs.euid, fs.egid, ctx.uid, ctx.gid):
+        return None
+    return creds.Creds(ctx.uid, ctx.gid, ctx.pid if fs.host_callers else 0)
 
-    Only when we run as root and the requester is someone else. A setgid
-    parent directory already gave the object its group: keep that.
+
+def _caller(fs: Filesystem, ctx: RequestContext) -> creds.Creds | None:
+    """Who a change to a name or an object (unlink, rmdir, rename, setattr,
+    open, setxattr, removexattr) runs as: over /dev/fuse the requesting host
+    process, so the host kernel makes the permission decision (sticky
+    directories, protected hardlinks, ownership); over virtio-fs the server."""
+    return _creator(fs, ctx) if fs.host_callers else None
+
+
+def _kill_gid(c: creds.Creds | None, gid: int) -> int:
+    """kill_gid for an O_TRUNC open or a truncate: -1 when the syscall runs as
+    an unprivileged requester, for the host kernel then drops the set-ID bits
+    itself (and a chmod by a writer who is not the owner would fail)."""
+    return -1 if c is not None and c.uid != 0 else gid
+
+
+def _fix_mode(fd: int, want: int, umask_proc: int, kind: str) -> None:
+    """Undo this process's umask: the client's mode & ~umask is what it asked for.
+
+    fd was opened by name after mkdir/mknod: only an object of the kind just
+    made that is owned by this thread's fsuid is changed (never another's
+    object swapped in under the name meanwhile).
     """
-    if euid != 0 or (ctx.uid == euid and ctx.gid == egid):
+    if not want & umask_proc:
         return
-    gid = -1 if os.fstat(pfd).st_mode & stat.S_ISGID else ctx.gid  # pfd: the parent
-    syscalls.fchownat(fd, b"", ctx.uid, gid, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
-
-
-def _fix_mode(fd: int, want: int, umask_proc: int) -> None:
-    """Undo this process's umask: the client's mode & ~umask is what it asked for."""
-    if want & umask_proc:
-        os.chmod(proc_fd(fd), want & 0o7777)
+    st = os.fstat(fd)
+    fmt = stat.S_IFDIR if kind == "dir" else stat.S_IFMT(want) or stat.S_IFREG
+    if stat.S_IFMT(st.st_mode) != fmt or st.st_uid != creds.getfsuid():
+        return
+    os.chmod(proc_fd(fd), want & 0o7777)
 
 
 # fuse_write_in.write_flags / fuse_open_in.open_flags (HANDLE_KILLPRIV_V2).
@@ -215,8 +239,9 @@ def _job_write(fd: int, data, offset: int, kill_gid: int) -> int:
     return n
 
 
-def _job_make(pfd, name, kind, mode, rdev, target, ctx, euid, egid, umask_proc):
-    """mkdir / mknod / symlink, then O_PATH + stat of the new object."""
+def _job_make(pfd, name, kind, mode, rdev, target, umask_proc):
+    """mkdir / mknod / symlink, then O_PATH + stat of the new object (as the
+    requester: _creator)."""
     if kind == "dir":
         os.mkdir(name, mode, dir_fd=pfd)
     elif kind == "node":
@@ -225,16 +250,15 @@ def _job_make(pfd, name, kind, mode, rdev, target, ctx, euid, egid, umask_proc):
         os.symlink(target, name, dir_fd=pfd)
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
     try:
-        _own_new(fd, pfd, ctx, euid, egid)
         if kind != "symlink":
-            _fix_mode(fd, mode, umask_proc)
+            _fix_mode(fd, mode, umask_proc, kind)
         return fd, os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc, kill_gid=-1):
+def _job_create(pfd, name, mode, flags, umask_proc, kill_gid=-1):
     """Exclusive create (the client's O_EXCL is honoured; a stale negative dentry
     in the client's cache that meets a file created on the host opens it)."""
     base = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -249,9 +273,8 @@ def _job_create(pfd, name, mode, flags, ctx, euid, egid, umask_proc, kill_gid=-1
     try:
         pfd2 = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
         try:
-            if created:
-                _own_new(pfd2, pfd, ctx, euid, egid)
-                _fix_mode(pfd2, mode, umask_proc)
+            if created:  # fd is the file O_EXCL made: no check needed
+                _fix_mode(pfd2, stat.S_IFREG | mode, umask_proc, "node")
             return fd, pfd2, os.fstat(pfd2)
         except BaseException:
             os.close(pfd2)
@@ -296,7 +319,7 @@ def _job_setattr(
         at = now if valid & FATTR_ATIME_NOW else (s.atime, s.atimensec) if valid & FATTR_ATIME else omit
         mt = now if valid & FATTR_MTIME_NOW else (s.mtime, s.mtimensec) if valid & FATTR_MTIME else omit
         syscalls.utimensat(fd, b"", at, mt, syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW)
-    if valid & FATTR_KILL_SUIDGID and not valid & FATTR_MODE and kind == KIND_FILE:
+    if valid & FATTR_KILL_SUIDGID and not valid & FATTR_MODE and kind == KIND_FILE and gid_of_caller >= 0:
         _kill_suidgid(fd, gid_of_caller)  # a truncate (or chown) by an unprivileged process
     return os.fstat(fd)
 
@@ -332,9 +355,13 @@ def _job_xattr(fd: int, kind: int, fn, *args):
 # ops
 
 
-async def _pool(fs: Filesystem, fds, fn, *args, inline: bool | None = None):
+async def _pool(fs: Filesystem, fds, fn, *args, inline: bool | None = None, creds=None):
     """Run a job that owns `fds`: on the loop when it cannot block (`inline`,
-    by default fs.inline: runtime/backing_fs.py), else in the blocking pool."""
+    by default fs.inline: runtime/backing_fs.py), else in the blocking pool.
+    With `creds` (runtime/creds.py) the job runs with those credentials on
+    whichever thread runs it, restored before that thread does anything else."""
+    if creds is not None:
+        fn, args = _run_as, (creds, fn, *args)
     try:
         if fs.inline if inline is None else inline:
             try:
@@ -344,6 +371,9 @@ async def _pool(fs: Filesystem, fds, fn, *args, inline: bool | None = None):
         return await fs.pool.run_owning(fds, fn, *args)
     except (OverflowError, ValueError) as e:  # absurd offsets/sizes from a client
         raise FsError(errno.EINVAL, str(e)) from None
+
+
+_run_as = creds.run_as
 
 
 def _watch(fs: Filesystem, nodeid: int, fd: int, is_dir: bool) -> None:
@@ -408,7 +438,8 @@ async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
         fds, fd, is_handle = (ifd, hfd), hfd, True
     else:
         fds, fd, is_handle = (ifd,), ifd, False
-    st = await _pool(fs, fds, _job_setattr, fd, is_handle, kind, s, _proc_umask(), ctx.gid)
+    c = _caller(fs, ctx)
+    st = await _pool(fs, fds, _job_setattr, fd, is_handle, kind, s, _proc_umask(), _kill_gid(c, ctx.gid), creds=c)
     return Attr.from_stat(st.st_ino, st)
 
 
@@ -432,7 +463,7 @@ async def _make(fs, ctx, parent, name, kind, mode, rdev=0, target=b"") -> Entry:
         os.close(pfd)
         raise FsError(errno.ENOTDIR)
     fd, st = await _pool(
-        fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, ctx, fs.euid, fs.egid, _proc_umask()
+        fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, _proc_umask(), creds=_creator(fs, ctx)
     )
     wfd = os.dup(fd) if kind == "dir" and fs.watcher is not None else -1
     nodeid = await fs.inodes.register(parent, name, fd, st)
@@ -475,18 +506,18 @@ async def symlink(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes,
 
 
 async def unlink(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> None:
-    await _remove(fs, parent, name, os.unlink)
+    await _remove(fs, ctx, parent, name, os.unlink)
 
 
 async def rmdir(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> None:
-    await _remove(fs, parent, name, os.rmdir)
+    await _remove(fs, ctx, parent, name, os.rmdir)
 
 
-async def _remove(fs, parent, name, fn) -> None:
+async def _remove(fs, ctx, parent, name, fn) -> None:
     _ro(fs)
     check_name(name)
     pfd, _ = await fs.inodes.dup_fd(parent)
-    await _pool(fs, (pfd,), _remove_at, fn, name, pfd)
+    await _pool(fs, (pfd,), _remove_at, fn, name, pfd, creds=_caller(fs, ctx))
     await fs.inodes.unlinked(parent, name)
 
 
@@ -504,7 +535,7 @@ async def rename(
     if flags & ~allowed or flags == allowed:
         raise FsError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
     ofd, nfd = await fs.inodes.dup_two(parent, newparent)
-    await _pool(fs, (ofd, nfd), syscalls.renameat2, ofd, name, nfd, newname, flags)
+    await _pool(fs, (ofd, nfd), syscalls.renameat2, ofd, name, nfd, newname, flags, creds=_caller(fs, ctx))
     await fs.inodes.renamed(parent, name, newparent, newname, bool(flags & syscalls.RENAME_EXCHANGE))
 
 
@@ -514,7 +545,7 @@ async def link(fs: Filesystem, ctx: RequestContext, nodeid: int, newparent: int,
         raise FsError(errno.EPERM, "links are denied by policy")
     check_name(newname)
     sfd, nfd = await fs.inodes.dup_two(nodeid, newparent)
-    fd, st = await _pool(fs, (sfd, nfd), _job_link, sfd, nfd, newname)
+    fd, st = await _pool(fs, (sfd, nfd), _job_link, sfd, nfd, newname, creds=_creator(fs, ctx))
     nodeid2 = await fs.inodes.register(newparent, newname, fd, st)
     return _entry(fs, nodeid2, st)
 
@@ -586,7 +617,8 @@ async def open(
     fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int, open_flags: int = 0
 ) -> Opened:
     oflags = _open_flags(fs, flags)
-    kill_gid = ctx.gid if open_flags & OPEN_KILL_SUIDGID and oflags & os.O_TRUNC else -1
+    c = _caller(fs, ctx)
+    kill_gid = _kill_gid(c, ctx.gid) if open_flags & OPEN_KILL_SUIDGID and oflags & os.O_TRUNC else -1
     ifd, kind = await fs.inodes.dup_fd(nodeid)
     if kind == KIND_DIR:
         os.close(ifd)
@@ -596,7 +628,7 @@ async def open(
         raise FsError(errno.ELOOP)
     wfd = os.dup(ifd) if fs.watcher is not None else -1
     try:
-        fd = await _pool(fs, (ifd,), _reopen, ifd, oflags, kill_gid)
+        fd = await _pool(fs, (ifd,), _reopen, ifd, oflags, kill_gid, creds=c)
     except BaseException:
         if wfd >= 0:
             os.close(wfd)
@@ -651,9 +683,10 @@ async def create(
         os.close(pfd)
         raise FsError(errno.ENOTDIR)
     fmode = (mode & ~umask) & 0o7777
+    c = _creator(fs, ctx)
     fd, ifd, st = await _pool(
-        fs, (pfd,), _job_create, pfd, name, fmode, oflags, ctx, fs.euid, fs.egid, _proc_umask(),
-        ctx.gid if open_flags & OPEN_KILL_SUIDGID else -1,
+        fs, (pfd,), _job_create, pfd, name, fmode, oflags, _proc_umask(),
+        _kill_gid(c, ctx.gid) if open_flags & OPEN_KILL_SUIDGID else -1, creds=c,
     )
     wfd = os.dup(ifd) if fs.watcher is not None else -1
     try:
@@ -815,15 +848,15 @@ async def access(fs: Filesystem, ctx: RequestContext, nodeid: int, mask: int) ->
         raise FsError(errno.EACCES)
 
 
-async def _xattr(fs, nodeid, fn, *args):
+async def _xattr(fs, nodeid, fn, *args, creds=None):
     fd, kind = await fs.inodes.dup_fd(nodeid)
-    return await _pool(fs, (fd,), _job_xattr, fd, kind, fn, *args)
+    return await _pool(fs, (fd,), _job_xattr, fd, kind, fn, *args, creds=creds)
 
 
 async def setxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes, value: bytes, flags: int = 0) -> None:
     _ro(fs)
     _check_xattr_name(name)
-    await _xattr(fs, nodeid, os.setxattr, name, bytes(value), flags)
+    await _xattr(fs, nodeid, os.setxattr, name, bytes(value), flags, creds=_caller(fs, ctx))
 
 
 async def getxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes, size: int) -> bytes | int:
@@ -851,7 +884,7 @@ async def listxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, size: int)
 async def removexattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes) -> None:
     _ro(fs)
     _check_xattr_name(name)
-    await _xattr(fs, nodeid, os.removexattr, name)
+    await _xattr(fs, nodeid, os.removexattr, name, creds=_caller(fs, ctx))
 
 
 def _check_xattr_name(name: bytes) -> None:
