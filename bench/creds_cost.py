@@ -1,0 +1,54 @@
+"""Cost of one credential switch + restore (runtime/creds.py), in microseconds.
+
+    sudo python3 bench/creds_cost.py [N]
+
+Prints the median per-call time of: a bare call; run_as without
+supplementary groups (a virtio-fs request); run_as with the groups read from
+/proc/PID/status of a process that has the request's ids (a /dev/fuse request).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from runtime import creds  # noqa: E402
+
+
+def per_call_us(fn, n: int) -> float:
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter_ns() - t) / n / 1000)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    if not creds.available():
+        sys.exit("needs root on Linux x86_64/aarch64")
+    child = subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[4242, 4343])
+    try:
+        noop = lambda: None  # noqa: E731
+        bare = per_call_us(noop, n)
+        plain = creds.Creds(65534, 65534)
+        grouped = creds.Creds(65534, 65534, child.pid)
+        switch = per_call_us(lambda: creds.run_as(plain, noop), n)
+        switch_groups = per_call_us(lambda: creds.run_as(grouped, noop), n)
+    finally:
+        child.kill()
+        child.wait()
+    print(f"bare call                 {bare:6.2f} us")
+    print(f"switch + restore          {switch:6.2f} us  (+{switch - bare:.2f})")
+    print(f"  with /proc groups       {switch_groups:6.2f} us  (+{switch_groups - bare:.2f})")
+
+
+if __name__ == "__main__":
+    main()
