@@ -34,17 +34,18 @@ The window is created (and unlinked on close) or attached by name:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.actor import Actor
+from sortedcontainers import SortedList
+
+from runtime.actor import Actor, stepped
 from runtime.errno_map import FsError
 from runtime.shm_view import (
     MAP_SHARED,
@@ -205,7 +206,14 @@ class InProcessMapper:
 
 
 class DaxWindow(Actor):
-    """The DAX actor. Handlers (`_setup`, `_remove`, `_table`) run in its task only."""
+    """The DAX actor. Handlers (`_setup`, `_remove`, `_snapshot`) run in its task only.
+
+    The table is ordered by window offset (a SortedList of starts), so finding
+    the entries a range touches costs O(log M): a REMOVEMAPPING of N ranges over
+    M entries costs O((N + M) log M). `_setup` and `_remove` are stepped
+    handlers (runtime.actor): they yield after each range or entry, so a request
+    with thousands of ranges gives the event loop back every few milliseconds.
+    """
 
     name = "dax"
 
@@ -214,7 +222,7 @@ class DaxWindow(Actor):
         self.view = view
         self.mapper = mapper if mapper is not None else InProcessMapper()
         self.mapper.bind(view)
-        self._starts: list[int] = []  # sorted window offsets of table entries
+        self._starts = SortedList()  # window offsets of table entries, in order
         self._table: dict[int, Mapping] = {}
         self._closed = False
 
@@ -294,10 +302,7 @@ class DaxWindow(Actor):
 
     async def unmap(self, ranges: Iterable[tuple[int, int]]) -> None:
         """REMOVEMAPPING: each range gets the window's own pages back."""
-        ranges = [(int(s), int(n)) for s, n in ranges]
-        for s, n in ranges:
-            self.check_range(s, n)
-        done = await self.ask(self._remove, ranges)
+        done = await self.ask(self._remove, list(ranges))
         if done is not None:
             try:
                 await asyncio.wrap_future(done)
@@ -316,6 +321,9 @@ class DaxWindow(Actor):
             raise FsError(errno.EINVAL, str(exc.strerror)) from None
 
     # -- actor side ------------------------------------------------------------------
+    # Stepped handlers: each `yield` is a point where the table and the window
+    # agree; later messages to this actor wait until the handler returns.
+    @stepped
     def _setup(self, moffset: int, foffset: int, writable: bool, prepared: Prepared):
         if self._closed:
             raise FsError(errno.EIO, "DAX window is closed")
@@ -326,7 +334,16 @@ class DaxWindow(Actor):
             prepared.fd = None
         # Overlapped parts of older entries are replaced; the window change for
         # the new range is the install itself (MAP_FIXED semantics).
-        self._cut(new.start, new.end, clear=False)
+        try:
+            yield from self._cut(new.start, new.end, clear=False)
+        except GeneratorExit:
+            # The actor is stopping (shutdown) mid-way: release what this
+            # request carried; the window itself goes away with the actor.
+            prepared.consumed = False
+            prepared.discard()
+            if new.file is not None:
+                self.mapper.release(new.file)
+            raise
         try:
             self.mapper.install(new, prepared)
         except OSError:
@@ -337,15 +354,24 @@ class DaxWindow(Actor):
         self._insert(new)
         return self.mapper.commit()
 
+    @stepped
     def _remove(self, ranges: list[tuple[int, int]]):
         if self._closed:
             raise FsError(errno.EIO, "DAX window is closed")
-        # All or nothing: every range must be fully mapped before any changes.
-        covered = self._check_covered(ranges)
+        # All or nothing: every range must be valid and fully mapped before any changes.
+        checked = []
+        for s, n in ranges:
+            s, n = int(s), int(n)
+            self.check_range(s, n)
+            checked.append((s, n))
+            if len(checked) % 256 == 0:
+                yield
+        ranges = checked
+        covered = yield from self._check_covered(ranges)
         if not covered:
             raise FsError(errno.EINVAL, "range is not mapped in the DAX window")
         for s, n in ranges:
-            self._cut(s, s + n, clear=True)
+            yield from self._cut(s, s + n, clear=True)
         return self.mapper.commit()
 
     def _snapshot(self) -> list[Mapping]:
@@ -362,23 +388,28 @@ class DaxWindow(Actor):
 
     # -- the table ---------------------------------------------------------------------
     def _overlapping(self, start: int, end: int) -> list[Mapping]:
-        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        """The entries that overlap window [start, end), in order: O(log M + k)."""
+        starts = self._starts
         out = []
-        while i < len(self._starts) and self._starts[i] < end:
-            m = self._table[self._starts[i]]
-            if m.end > start:
-                out.append(m)
-            i += 1
+        i = starts.bisect_right(start) - 1
+        if i >= 0 and (m := self._table[starts[i]]).end > start:
+            out.append(m)  # the entry that begins at or before start
+        for s in starts.irange(start, end, inclusive=(False, False)):
+            out.append(self._table[s])
         return out
 
-    def _check_covered(self, ranges: list[tuple[int, int]]) -> bool:
-        # Ranges in one request may touch the same entry; check each against
-        # the table as it will be after the earlier ones in the request.
-        removed: list[tuple[int, int]] = []
-        for s, n in ranges:
+    def _check_covered(self, ranges: list[tuple[int, int]]):
+        """Whether the ranges are disjoint and each is wholly mapped (a stepped part).
+
+        Disjoint ranges do not change each other's coverage, so each is checked
+        against the table as it is: sorting makes the overlap check O(N log N).
+        """
+        end = 0
+        for s, n in sorted(ranges):
             e = s + n
-            if any(rs < e and s < re for rs, re in removed):
-                return False
+            if s < end:
+                return False  # two ranges of the request overlap
+            end = e
             cursor = s
             for m in self._overlapping(s, e):
                 if m.start > cursor:
@@ -386,11 +417,11 @@ class DaxWindow(Actor):
                 cursor = m.end
             if cursor < e:
                 return False
-            removed.append((s, e))
+            yield
         return True
 
     def _insert(self, m: Mapping) -> None:
-        bisect.insort(self._starts, m.start)
+        self._starts.add(m.start)
         self._table[m.start] = m
         if m.file is not None:
             m.file.refs += 1
@@ -401,8 +432,11 @@ class DaxWindow(Actor):
             if ref.refs == 0:
                 self.mapper.release(ref)
 
-    def _cut(self, start: int, end: int, clear: bool) -> None:
-        """Remove [start, end) from the table, keeping the parts of entries outside it."""
+    def _cut(self, start: int, end: int, clear: bool) -> Generator[None, None, None]:
+        """Remove [start, end) from the table, keeping the parts of entries outside it.
+
+        A stepped part: yields after each entry it changes.
+        """
         for m in self._overlapping(start, end):
             self._starts.remove(m.start)
             del self._table[m.start]
@@ -418,6 +452,7 @@ class DaxWindow(Actor):
             for p in keep:
                 self._insert(p)
             self._unref(m.file)
+            yield
 
     # -- shutdown -----------------------------------------------------------------------
     def close(self) -> None:

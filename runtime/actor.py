@@ -10,6 +10,15 @@ to the caller. When the actor is idle (its mailbox empty, its task parked on
 it) the handler runs at once in the asking task: the same one-at-a-time
 order, without two trips through the event loop (docs/ARCHITECTURE.md).
 `tell()` is fire-and-forget for messages whose reply nobody waits for (FORGET).
+
+A *stepped* handler (decorated with `@stepped`) is a generator for work that
+can be long (a REMOVEMAPPING of thousands of ranges): it yields between steps,
+each step leaving the actor's state consistent. The actor runs it for at most
+`STEP_BUDGET` seconds at a time, then lets the event loop serve everything
+else before going on. Its own later messages wait until it has returned, so
+the one-at-a-time rule holds; other actors and requests do not wait. Run
+direct, its first slice runs in the asking task and only the remainder (if
+any) goes to the actor's task, so a short one costs no more than a plain one.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from typing import Any
 
 from runtime.errno_map import FsError
@@ -25,6 +35,39 @@ from runtime.errno_map import FsError
 log = logging.getLogger("actorfs.actor")
 
 _STOP = object()
+
+# The longest a stepped handler runs before the actor gives the loop back.
+STEP_BUDGET = 0.002
+
+
+def stepped(handler: Callable[..., Generator]) -> Callable[..., Generator]:
+    """Mark a generator handler as stepped (see the module doc)."""
+    handler.stepped = True  # type: ignore[attr-defined]
+    return handler
+
+
+def _resume(gen: Generator) -> Generator:
+    """The mailbox message that carries on a stepped handler begun in the asking task."""
+    return gen
+
+
+_resume.stepped = True  # type: ignore[attr-defined]
+
+
+class _Cancelled(Exception):
+    """Carries the actor task's own cancellation past the handler-error path."""
+
+
+def _run_slice(gen: Generator) -> tuple[bool, Any]:
+    """Advance `gen` for up to STEP_BUDGET; (True, its return value) once it is done."""
+    deadline = time.monotonic() + STEP_BUDGET
+    try:
+        while True:
+            next(gen)
+            if time.monotonic() >= deadline:
+                return False, None
+    except StopIteration as stop:
+        return True, stop.value
 
 
 class ActorStopped(FsError):
@@ -48,6 +91,8 @@ class Actor:
         self.inject_crash: BaseException | None = None
         # Let an idle actor's handler run in the asking task (see ask()).
         self.direct = True
+        # A stepped handler is between two of its steps (the loop serves others).
+        self._busy = False
 
     # -- client side -------------------------------------------------------
     async def ask(
@@ -60,12 +105,26 @@ class Actor:
         """
         if self._stopped:
             raise ActorStopped(self.name)
-        if self.direct and self._running and self.inject_crash is None and not self._mailbox._queue:
+        if (
+            self.direct
+            and self._running
+            and not self._busy
+            and self.inject_crash is None
+            and not self._mailbox._queue
+        ):
             # Idle: the actor's task is parked on an empty mailbox. Running the
             # handler here gives the very outcome the mailbox would (handlers
             # are synchronous, so nothing runs between them, and no message is
             # queued ahead of this one) without two trips through the loop.
-            return handler(*args)
+            if not getattr(handler, "stepped", False):
+                return handler(*args)
+            gen = handler(*args)
+            done, result = _run_slice(gen)
+            if done:
+                return result
+            # Not done in one slice: the actor's task goes on with it. The
+            # mailbox is empty, so nothing can come in between.
+            handler, args = _resume, (gen,)
         fut = asyncio.get_running_loop().create_future()
         if orphan is not None:
             fut.orphan = orphan  # type: ignore[attr-defined]
@@ -100,6 +159,10 @@ class Actor:
                 handler, args, fut = msg
                 try:
                     result = handler(*args)
+                    if getattr(handler, "stepped", False):
+                        result = await self._run_stepped(result, fut)
+                except _Cancelled as c:
+                    raise c.__cause__ from None  # the actor's own task was cancelled
                 except BaseException as exc:  # handler errors go back to the caller
                     if fut is None:
                         log.warning("%s: %s%r failed: %r", self.name, handler.__name__, args, exc)
@@ -118,6 +181,26 @@ class Actor:
             self._running = False
             self._fail_pending()
 
+    async def _run_stepped(self, gen: Generator, fut: asyncio.Future | None) -> Any:
+        """Drive a stepped handler to its end, giving the loop back between slices."""
+        self._busy = True
+        try:
+            while True:
+                done, result = _run_slice(gen)
+                if done:
+                    return result
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError as exc:
+                    # The actor's task itself is cancelled: the handler ends at a
+                    # step boundary, where its state is consistent.
+                    gen.close()
+                    if fut is not None and not fut.done():
+                        fut.set_exception(ActorStopped(self.name))
+                    raise _Cancelled() from exc
+        finally:
+            self._busy = False
+
     def _fail_pending(self) -> None:
         """Answer every queued request with EIO so no caller waits forever."""
         while True:
@@ -128,7 +211,10 @@ class Actor:
             if msg is _STOP:
                 continue
             handler, args, fut = msg
-            self._dropped(handler, args)
+            if handler is _resume:
+                args[0].close()  # a stepped handler begun in its asker: ends here
+            else:
+                self._dropped(handler, args)
             if fut is not None and not fut.done():
                 fut.set_exception(ActorStopped(self.name))
 

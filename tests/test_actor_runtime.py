@@ -6,11 +6,12 @@ import asyncio
 import errno
 import os
 import threading
+import time
 
 import pytest
 from helpers_fs import CTX, ROOT, ops, running
 
-from runtime.actor import Actor, ActorStopped
+from runtime.actor import Actor, ActorStopped, stepped
 from runtime.blocking_pool import BlockingPool
 from runtime.errno_map import FsError
 from runtime.supervisor import Supervisor
@@ -213,3 +214,86 @@ async def test_a_direct_handler_error_reaches_the_caller_and_the_actor_lives_on(
         c.inject_crash = RuntimeError("injected")  # a crash hook is never bypassed
         with pytest.raises(ActorStopped):
             await c.add(1)
+
+
+class Steps(Actor):
+    """A stepped handler that takes `n` steps of `each` seconds of busy work."""
+
+    name = "steps"
+
+    def __init__(self):
+        super().__init__()
+        self.order: list[str] = []
+        self.closed_early = False
+
+    @stepped
+    def _long(self, tag, n, each):
+        try:
+            for _ in range(n):
+                end = time.monotonic() + each
+                while time.monotonic() < end:
+                    pass
+                yield
+        except GeneratorExit:
+            self.closed_early = True
+            raise
+        self.order.append(tag)
+        return tag
+
+    @stepped
+    def _fails(self):
+        yield
+        raise FsError(errno.EINVAL, "stepped error")
+
+    def _note(self, tag):
+        self.order.append(tag)
+        return tag
+
+
+async def test_a_stepped_handler_gives_the_loop_back_and_keeps_the_actors_order():
+    a = Steps()
+    async with Supervisor().started([a]):
+        await asyncio.sleep(0)
+        # A short one finishes in its first slice, in the asking task.
+        assert await a.ask(a._long, "short", 1, 0) == "short"
+        # A long one (0.3 s of work) runs in slices: the loop keeps ticking,
+        # and a message sent behind it waits for it.
+        gaps, stop = [], asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        long = asyncio.create_task(a.ask(a._long, "long", 300, 0.001))
+        behind = asyncio.create_task(a.ask(a._note, "behind"))
+        assert await long == "long"
+        assert await behind == "behind"
+        stop.set()
+        await tick
+        assert a.order[-2:] == ["long", "behind"]
+        assert len(gaps) > 10, "the loop ran other tasks while the handler worked"
+        # Generous (load): without steps the loop would stall for the whole 0.3 s.
+        assert max(gaps) < 0.25, max(gaps)
+        with pytest.raises(FsError) as ei:
+            await a.ask(a._fails)
+        assert ei.value.errno == errno.EINVAL
+        assert await a.ask(a._note, "alive") == "alive"
+
+    # The actor's task cancelled mid-way (a shutdown that cannot wait): the
+    # handler is closed at a step, and its caller gets EIO instead of waiting.
+    b = Steps()
+    b.direct = False
+    run = asyncio.create_task(b.run())
+    pending = asyncio.create_task(b.ask(b._long, "never", 10**6, 0.0001))
+    await asyncio.sleep(0.05)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert b.closed_early and not b.running
+    with pytest.raises(ActorStopped):
+        await asyncio.wait_for(pending, 5)
