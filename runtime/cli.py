@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dax-window", metavar="NAME", help="POSIX shm object name of the DAX window")
     s.add_argument("--dax-size", type=parse_size, default=0, metavar="SIZE",
                    help="DAX window size, e.g. 1G (0: no DAX)")  # fmt: skip
+    s.add_argument("--allow-unsealed-memory", action="store_true",
+                   help="accept guest memory not sealed against shrinking (e.g. "
+                        "memory-backend-file): a frontend that truncates it could then "
+                        "kill the server (default: memfd with F_SEAL_SHRINK only)")  # fmt: skip
     _add_fs_options(s)
 
     d = sub.add_parser("demo", help="mount a sample tree, work in it with real programs, unmount",
@@ -428,6 +432,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 dax_name=args.dax_window,
                 dax_size=args.dax_size,
                 stats_interval=args.stats_interval or 0,
+                allow_unsealed_memory=args.allow_unsealed_memory,
             )
         )
         loop = asyncio.get_running_loop()

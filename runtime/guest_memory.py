@@ -8,17 +8,37 @@ Descriptor addresses are guest-physical; ring addresses are frontend-virtual.
 Everything the guest hands us is untrusted, so every translation checks that the
 whole range lies inside mapped regions and returns memoryview slices of the
 mmaps: a slice can never reach outside its region.
+
+Shrinking. Touching a shared mapping past the end of its file is SIGBUS, which
+kills the process. A frontend that could truncate its guest memory under us
+could kill the server at will, so a region must be sealed against shrinking
+(memfd with F_SEAL_SHRINK, which QEMU's memory-backend-memfd sets by default,
+seal=on). Unsealed regions are refused, unless the server is told to accept
+them (`--allow-unsealed-memory`): then each region keeps its fd and
+`GuestMemory.intact()` compares the file sizes with the mappings before the
+queues touch them; a shrunk region stops the queues instead of being touched.
+That check and the access are not atomic: with unsealed memory, a frontend
+that truncates at exactly the wrong moment can still kill the server, which is
+why it is not the default.
+
+Only shareable, file-backed memory is accepted: regular files (memfd, POSIX
+shm, hugetlbfs and files on disk are all regular files). A character device
+such as /dev/zero would give the server private memory of its own, allocated
+on the frontend's say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import stat
 from dataclasses import dataclass
 
 U64 = (1 << 64) - 1
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
 
 
 class GuestMemoryError(Exception):
@@ -32,8 +52,24 @@ class Region:
     user_addr: int  # the frontend's virtual address of the same bytes
     mm: mmap.mmap
     view: memoryview  # exactly [guest_addr, guest_addr + size)
+    sealed: bool = True  # its file cannot shrink (F_SEAL_SHRINK)
+    fd: int | None = None  # unsealed: a dup of the file, to check its size
+    end: int = 0  # unsealed: the file size the mapping needs (offset + size)
+
+    def intact(self) -> bool:
+        """The whole mapping is still backed by its file (always so when sealed)."""
+        if self.fd is None:
+            return True
+        try:
+            return os.fstat(self.fd).st_size >= self.end
+        except OSError:
+            return False
 
     def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
         self.view.release()
         # In-flight requests may still hold slices (exports): the mapping then
         # lives until the last slice goes away.
@@ -41,16 +77,32 @@ class Region:
             self.mm.close()
 
 
+def is_sealed(fd: int) -> bool:
+    """Whether the file cannot shrink: F_SEAL_SHRINK (memfd; EINVAL elsewhere)."""
+    try:
+        return bool(fcntl.fcntl(fd, _F_GET_SEALS) & _F_SEAL_SHRINK)
+    except OSError:
+        return False
+
+
 def map_region(fd: int, guest_addr: int, size: int, user_addr: int, mmap_offset: int) -> Region:
-    """mmap `size` bytes at `mmap_offset` of `fd` (the fd is not closed here)."""
+    """mmap `size` bytes at `mmap_offset` of `fd` (the fd is not closed here).
+
+    An unsealed region keeps a dup of the fd, for `Region.intact()`.
+    """
     if size <= 0 or guest_addr + size > U64 + 1 or user_addr + size > U64 + 1:
         raise GuestMemoryError(f"bad memory region gpa={guest_addr:#x} size={size:#x}")
-    # Touching a mapping past the end of its file is SIGBUS: refuse such a region.
     try:
         st = os.fstat(fd)
     except OSError as exc:
         raise GuestMemoryError(f"memory region fd: {exc.strerror}") from None
-    if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + size:
+    if not stat.S_ISREG(st.st_mode):
+        # /dev/zero and friends: private memory, nothing shared with the guest.
+        raise GuestMemoryError("a memory region must be a shareable file (memfd, shm, "
+                               "hugetlbfs or a regular file), not a "
+                               + _kind(st.st_mode))
+    # Touching a mapping past the end of its file is SIGBUS: refuse such a region.
+    if st.st_size < mmap_offset + size:
         raise GuestMemoryError(
             f"memory region of {size:#x} bytes at offset {mmap_offset:#x} "
             f"runs past its {st.st_size:#x}-byte file")
@@ -64,7 +116,24 @@ def map_region(fd: int, guest_addr: int, size: int, user_addr: int, mmap_offset:
     except (OSError, ValueError, OverflowError) as exc:
         raise GuestMemoryError(f"cannot map guest memory region: {exc}") from None
     view = memoryview(mm)[skip:skip + size]
-    return Region(guest_addr, size, user_addr, mm, view)
+    region = Region(guest_addr, size, user_addr, mm, view, sealed=is_sealed(fd))
+    if not region.sealed:
+        try:
+            region.fd = os.dup(fd)
+        except OSError as exc:
+            region.close()
+            raise GuestMemoryError(f"memory region fd: {exc.strerror}") from None
+        region.end = mmap_offset + size
+    return region
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "pipe"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 class GuestMemory:
@@ -75,13 +144,21 @@ class GuestMemory:
         self.regions = sorted(regions or [], key=lambda r: r.guest_addr)
 
     @classmethod
-    def from_fds(cls, entries: list[tuple[int, int, int, int]], fds: list[int]) -> GuestMemory:
-        """entries: (guest_addr, size, user_addr, mmap_offset), one fd each. Closes the fds."""
+    def from_fds(cls, entries: list[tuple[int, int, int, int]], fds: list[int], *,
+                 allow_unsealed: bool = False) -> GuestMemory:
+        """entries: (guest_addr, size, user_addr, mmap_offset), one fd each. Closes the fds.
+
+        Regions whose file can shrink are refused unless `allow_unsealed`.
+        """
         regions: list[Region] = []
         try:
             if len(entries) != len(fds):
                 raise GuestMemoryError(f"{len(entries)} memory regions but {len(fds)} fds")
             for (gpa, size, uaddr, off), fd in zip(entries, fds, strict=True):
+                if not allow_unsealed and not is_sealed(fd):
+                    raise GuestMemoryError(
+                        "guest memory not sealed against shrinking (F_SEAL_SHRINK): use "
+                        "memory-backend-memfd (seal=on), or --allow-unsealed-memory")
                 regions.append(map_region(fd, gpa, size, uaddr, off))
             mem = cls(regions)
             mem._check_overlap()
@@ -99,6 +176,14 @@ class GuestMemory:
         for a, b in zip(self.regions, self.regions[1:], strict=False):
             if a.guest_addr + a.size > b.guest_addr:
                 raise GuestMemoryError("overlapping guest memory regions")
+
+    @property
+    def sealed(self) -> bool:
+        return all(r.sealed for r in self.regions)
+
+    def intact(self) -> bool:
+        """No region's file has shrunk under its mapping (one fstat per unsealed region)."""
+        return all(r.intact() for r in self.regions)
 
     def close(self) -> None:
         for r in self.regions:

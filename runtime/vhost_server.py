@@ -21,6 +21,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 
 from runtime import protocol
 from runtime.filesystem import ConfigError, FsConfig, check_root
@@ -35,6 +36,9 @@ from runtime.virtqueue import Chain, QueueBroken, Virtqueue
 log = logging.getLogger("actorfs.vhost")
 
 DRAIN_TIMEOUT = 5.0  # how long a stopping queue waits for its in-flight requests
+HANDSHAKE_TIMEOUT = 5.0  # a frontend that sends no SET_OWNER within this is dropped
+BATCH_CHAINS = 64  # chains popped before the runner lets the rest of the loop run
+BATCH_SECONDS = 0.001  # ... or this long, whichever comes first
 _LEN_OPCODE = struct.Struct("<II")
 _UNIQUE = struct.Struct("<Q")
 
@@ -109,20 +113,35 @@ class QueueRunner:
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
+        """ValueError when the kick fd cannot be watched (epoll refuses it)."""
         os.set_blocking(self.kick_fd, False)
-        self.loop.add_reader(self.kick_fd, self._on_kick)
+        try:
+            self.loop.add_reader(self.kick_fd, self._on_kick)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"queue {self.vq.index}: kick fd cannot be watched: {exc}") from None
         self.wake.set()  # buffers may already be waiting (a restarted ring)
         self.task = asyncio.create_task(self._run(), name=f"vhost-queue-{self.vq.index}")
 
     def _on_kick(self) -> None:
         try:
-            os.read(self.kick_fd, 8)
-        except BlockingIOError:
+            data = os.read(self.kick_fd, 8)
+        except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self.loop.remove_reader(self.kick_fd)
+        except OSError as exc:
+            self._kick_fd_gone(exc.strerror or str(exc))
+            return
+        if not data:  # a pipe whose writer is gone: readable forever, never a kick again
+            self._kick_fd_gone("end of file")
             return
         self.wake.set()
+
+    def _kick_fd_gone(self, why: str) -> None:
+        log.warning("queue %d: kick fd at %s: the queue is stopped until it is set up again",
+                    self.vq.index, why)
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.kick_fd)
+        self.vq.broken = True
+        self.vq.signal_error()
 
     async def _run(self) -> None:
         vq = self.vq
@@ -130,6 +149,11 @@ class QueueRunner:
             await self.wake.wait()
             self.wake.clear()
             try:
+                # In batches: BATCH_CHAINS chains (malformed ones count) or BATCH_SECONDS,
+                # then the loop runs the control channel, the other queues and the
+                # interrupts. A guest that keeps the ring full cannot starve them.
+                count = 0
+                until = time.monotonic() + BATCH_SECONDS
                 while vq.ready:
                     chain = vq.pop()
                     if chain is None:
@@ -137,6 +161,11 @@ class QueueRunner:
                             break
                         continue
                     await self._dispatch(chain)
+                    count += 1
+                    if count >= BATCH_CHAINS or time.monotonic() >= until:
+                        await asyncio.sleep(0)
+                        count = 0
+                        until = time.monotonic() + BATCH_SECONDS
             except QueueBroken as exc:
                 log.warning("%s: the queue is stopped until the driver sets it up again", exc)
             except Exception:
@@ -161,6 +190,13 @@ class QueueRunner:
             self._complete(chain.head, written)
             return
         length, opcode = _LEN_OPCODE.unpack_from(frame, 0)
+        if length < protocol.IN_HEADER_SIZE:
+            # fuse_in_header.len below the header itself; the unique is in the frame.
+            self._hostile("fuse_in_header.len %d, shorter than the header", length)
+            unique = _UNIQUE.unpack_from(frame, 8)[0]
+            self._complete(chain.head,
+                           chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0)
+            return
         if length < len(frame):
             frame = frame[:length]  # the decoder wants exactly fuse_in_header.len bytes
         if opcode in protocol.NO_REPLY_OPCODES:
@@ -182,7 +218,7 @@ class QueueRunner:
                 return
             replied = True
             self._request_done()
-            if vq.generation != generation:
+            if vq.generation != generation or not vq.intact():
                 return  # the ring was stopped or reset meanwhile: nobody waits for this
             written = chain.write_reply(iov)
             if written is None:
@@ -194,6 +230,11 @@ class QueueRunner:
         try:
             dispatcher = await self.conn.dispatcher_for(opcode)
             await dispatcher.submit(frame, send)
+        except asyncio.CancelledError:
+            # The queue stops while the request waits (for a new session, or for room
+            # in the dispatcher): answer it, which also keeps the in-flight count exact.
+            send(protocol.reply_error(unique, errno.EIO))
+            raise
         except Exception:
             log.exception("queue %d: dispatch failed", vq.index)
             send(protocol.reply_error(unique, errno.EIO))
@@ -243,6 +284,11 @@ class QueueRunner:
         self._flush_notify()
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a FUSE session renewal failed: %r", task.exception())
+
+
 def _no_reply(iov: list) -> None:
     """FORGET and friends never get a reply; a stray one has nowhere to go."""
 
@@ -252,7 +298,7 @@ class Connection:
     """The QueueListener for one frontend: owns the queue runners and the FUSE session."""
 
     def __init__(self, sock: socket.socket, dispatcher, *, tag: str | None = None,
-                 dax_window=None, renew=None):
+                 dax_window=None, renew=None, allow_unsealed: bool = False):
         self.sock = sock
         self.dispatcher = dispatcher
         self.runners: dict[int, QueueRunner] = {}
@@ -260,7 +306,9 @@ class Connection:
         # renew(): close the session and open a fresh one -> (dispatcher, dax_window).
         self.renew = renew
         self._renewing = asyncio.Lock()
-        self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None)
+        self._renewal: asyncio.Task | None = None
+        self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None,
+                                        allow_unsealed=allow_unsealed)
         self.dax_sockets: list[socket.socket] = []
 
     async def dispatcher_for(self, opcode: int):
@@ -269,21 +317,38 @@ class Connection:
         A guest that reboots or resets the device without unmounting sends
         INIT again on the same connection: its old nodeids and handles are
         gone with it, so it gets a fresh Filesystem rather than an error.
+        The renewal runs in a task of its own: a queue stopped meanwhile
+        cancels the request that waits for it, never the renewal half-way.
         """
         async with self._renewing:
+            if self._renewal is not None:
+                await asyncio.shield(self._renewal)  # one begun by a cancelled request
             if (opcode == protocol.FUSE_INIT and self.renew is not None
                     and getattr(self.dispatcher, "init", None) is not None):
                 log.info("the guest sent INIT again: starting a new FUSE session")
-                self.dispatcher, self.dax_window = await self.renew()
-                if self.dax_window is not None and self.dax_sockets:
-                    self._connect_dax(self.dax_sockets[-1])
+                self._renewal = asyncio.create_task(self._renew(), name="fuse-session-renewal")
+                # Its failure reaches the request that waits; if that one was cancelled,
+                # the next INIT tries again (from whatever state this one left).
+                self._renewal.add_done_callback(_retrieve)
+                await asyncio.shield(self._renewal)
             return self.dispatcher
+
+    async def _renew(self) -> None:
+        try:
+            self.dispatcher, self.dax_window = await self.renew()
+            if self.dax_window is not None and self.dax_sockets:
+                self._connect_dax(self.dax_sockets[-1])
+        finally:
+            self._renewal = None
 
     # QueueListener
     def queue_active(self, vq: Virtqueue) -> None:
+        old = self.runners.pop(vq.index, None)
+        if old is not None:  # restarted without a stop (a new memory table): one runner only
+            old.detach()
         runner = QueueRunner(self, vq)
-        self.runners[vq.index] = runner
         runner.start()
+        self.runners[vq.index] = runner
 
     async def queue_stopping(self, vq: Virtqueue) -> None:
         runner = self.runners.pop(vq.index, None)
@@ -306,9 +371,21 @@ class Connection:
         self.dax_window.mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
 
     async def run(self) -> None:
+        handshake_until = time.monotonic() + HANDSHAKE_TIMEOUT
         try:
             while True:
-                msg = await recv_message(self.sock)
+                if self.backend.owner:
+                    msg = await recv_message(self.sock)
+                else:
+                    # Only SET_OWNER is timed (QEMU sends it at once): the memory table
+                    # may come much later (a slow guest boot).
+                    try:
+                        async with asyncio.timeout(max(handshake_until - time.monotonic(), 0)):
+                            msg = await recv_message(self.sock)
+                    except TimeoutError:
+                        log.warning("no SET_OWNER within %g s: closing the connection",
+                                    HANDSHAKE_TIMEOUT)
+                        return
                 if msg is None:
                     log.info("frontend disconnected")
                     return
@@ -329,6 +406,8 @@ class Connection:
             try:
                 for runner in runners:
                     await runner.stop()
+                if self._renewal is not None:  # a renewal left behind by a cancelled request
+                    await asyncio.wait([self._renewal])
             finally:
                 await self.backend.close()
 
@@ -388,7 +467,8 @@ class Session:
 
 
 async def serve_connection(config: FsConfig, sock: socket.socket, *,
-                           tag: str | None = None, stats_interval: float = 0) -> None:
+                           tag: str | None = None, stats_interval: float = 0,
+                           allow_unsealed_memory: bool = False) -> None:
     """Serve one frontend until it disconnects, in a fresh FUSE session."""
     sock.setblocking(False)
     session = None
@@ -397,14 +477,15 @@ async def serve_connection(config: FsConfig, sock: socket.socket, *,
     async def renew():
         nonlocal session
         old, session = session, None
-        await old.close()
+        if old is not None:  # None: an earlier renewal failed half-way
+            await old.close()
         session = await Session(config).open()
         return session.dispatcher, session.dax_window
 
     try:
         session = await Session(config).open()
         conn = Connection(sock, session.dispatcher, tag=tag, dax_window=session.dax_window,
-                          renew=renew)
+                          renew=renew, allow_unsealed=allow_unsealed_memory)
         await _serve(conn, stats_interval)
     finally:
         try:
@@ -450,8 +531,12 @@ async def _log_stats(conn: Connection, interval: float) -> None:
 
 async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = False,
                            dax_name: str | None = None, dax_size: int = 0,
-                           stats_interval: float = 0) -> int:
+                           stats_interval: float = 0, allow_unsealed_memory: bool = False) -> int:
     """Serve frontends on `socket_path` one after the other (just one with `once`).
+
+    Guest memory must be sealed against shrinking (a memfd with F_SEAL_SHRINK,
+    as QEMU's memory-backend-memfd makes it) unless `allow_unsealed_memory`:
+    see runtime/guest_memory.py.
 
     Returns the exit status; user errors are one line on stderr. Cancelling the
     coroutine (SIGTERM in the CLI) closes the connection and removes the socket.
@@ -485,7 +570,8 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
             sock, _ = await loop.sock_accept(listener)
             log.info("frontend connected")
             try:
-                await serve_connection(config, sock, tag=tag, stats_interval=stats_interval)
+                await serve_connection(config, sock, tag=tag, stats_interval=stats_interval,
+                                       allow_unsealed_memory=allow_unsealed_memory)
             except Exception as exc:  # e.g. the session could not start: say so, go on
                 log.exception("the connection failed")
                 if once:

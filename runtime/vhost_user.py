@@ -18,7 +18,9 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +66,7 @@ FLAG_NEED_REPLY = 0x8
 HEADER = struct.Struct("<III")
 MAX_PAYLOAD = 0x1000  # the largest message (memory table, config space) fits in 4 KiB
 MAX_FDS = 32
+MESSAGE_TIMEOUT = 5.0  # a message begun must be complete within this many seconds
 
 # -- virtio feature bits ----------------------------------------------------------
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
@@ -153,29 +156,49 @@ async def _wait_readable(sock: socket.socket) -> None:
         loop.remove_reader(fd)
 
 
-async def _recv(sock: socket.socket, n: int, fds: list[int]) -> bytes:
-    """Exactly n bytes (b'' at EOF before the first byte); collects passed fds."""
+async def _recv(sock: socket.socket, n: int, fds: list[int], deadline: list[float | None],
+                stall: float) -> bytes:
+    """Exactly n bytes (b'' at EOF before the first byte); collects passed fds.
+
+    deadline[0] is set when the message's first byte arrives: from then on, the
+    rest must come within `stall` seconds (ProtocolError otherwise).
+    """
     buf = bytearray()
     while len(buf) < n:
         try:
             data, got, _flags, _addr = socket.recv_fds(sock, n - len(buf), MAX_FDS)
         except (BlockingIOError, InterruptedError):
-            await _wait_readable(sock)
+            if deadline[0] is None:
+                await _wait_readable(sock)  # between messages: no limit
+                continue
+            remaining = deadline[0] - time.monotonic()
+            try:
+                async with asyncio.timeout(max(remaining, 0)):
+                    await _wait_readable(sock)
+            except TimeoutError:
+                raise ProtocolError(f"a message stalled for {stall:g} s half-way") from None
             continue
         fds.extend(got)
         if not data:
-            if buf:
+            if buf or deadline[0] is not None:
                 raise ProtocolError("connection closed inside a message")
             return b""
+        if deadline[0] is None:
+            deadline[0] = time.monotonic() + stall
         buf += data
     return bytes(buf)
 
 
-async def recv_message(sock: socket.socket) -> Message | None:
-    """The next message, or None when the frontend closed the connection."""
+async def recv_message(sock: socket.socket, stall: float = MESSAGE_TIMEOUT) -> Message | None:
+    """The next message, or None when the frontend closed the connection.
+
+    A message whose first byte came must be complete within `stall` seconds:
+    a frontend that stops half-way is a ProtocolError, not a connection held forever.
+    """
     fds: list[int] = []
+    deadline: list[float | None] = [None]
     try:
-        head = await _recv(sock, HEADER.size, fds)
+        head = await _recv(sock, HEADER.size, fds, deadline, stall)
         if not head:
             return None
         request, flags, size = HEADER.unpack(head)
@@ -183,7 +206,7 @@ async def recv_message(sock: socket.socket) -> Message | None:
             raise ProtocolError(f"message {request} with a {size}-byte payload")
         if flags & 0x3 != VERSION:
             raise ProtocolError(f"message {request} with protocol version {flags & 0x3}")
-        payload = await _recv(sock, size, fds) if size else b""
+        payload = await _recv(sock, size, fds, deadline, stall) if size else b""
         return Message(request, flags, payload, fds)
     except BaseException:
         for fd in fds:
@@ -209,8 +232,10 @@ class VhostUserBackend:
     """One frontend connection's view of the device: features, memory, queues."""
 
     def __init__(self, listener: QueueListener, *, num_request_queues: int = 1,
-                 max_queues: int = 1 + 16, tag: str | None = None, dax: bool = False):
+                 max_queues: int = 1 + 16, tag: str | None = None, dax: bool = False,
+                 allow_unsealed: bool = False):
         self.listener = listener
+        self.allow_unsealed = allow_unsealed  # accept guest memory that can shrink
         self.max_queues = max_queues
         self.num_request_queues = num_request_queues
         self.tag = tag
@@ -240,7 +265,10 @@ class VhostUserBackend:
         return bool(self.features & VHOST_USER_F_PROTOCOL_FEATURES)
 
     def _activate(self, vq: Virtqueue) -> None:
-        """Start processing a queue once it has memory, rings, a kick fd and is enabled."""
+        """Start processing a queue once it has memory, rings, a kick fd and is enabled.
+
+        ValueError when its kick fd cannot be watched (the request gets a failure ack).
+        """
         if not (vq.started and vq.enabled and self.mem is not None):
             return
         if vq.ready:
@@ -251,7 +279,17 @@ class VhostUserBackend:
         except GuestMemoryError as exc:
             log.warning("queue %d not started: %s", vq.index, exc)
             return
-        self.listener.queue_active(vq)
+        try:
+            self.listener.queue_active(vq)
+        except ValueError:
+            vq.stop()
+            raise
+
+    async def _stop_queue(self, vq: Virtqueue) -> int:
+        """Stop a queue whatever its state (running, broken, never started): its
+        runner, if any, stops listening and ends. Returns the next avail index."""
+        await self.listener.queue_stopping(vq)
+        return vq.stop()
 
     # -- dispatch -----------------------------------------------------------------------
     async def handle(self, msg: Message) -> bytes | None:
@@ -326,7 +364,8 @@ class VhostUserBackend:
         entries = [_MEM_REGION.unpack_from(msg.payload, _MEM_HDR.size + i * _MEM_REGION.size)
                    for i in range(nregions)]
         fds, msg.fds = msg.fds, []
-        mem = GuestMemory.from_fds(entries, fds)  # closes the fds
+        mem = GuestMemory.from_fds(entries, fds,  # closes the fds
+                                   allow_unsealed=self.allow_unsealed)
         old, self.mem = self.mem, mem
         # Running queues keep running: re-translate their ring addresses.
         for vq in self.queues.values():
@@ -338,7 +377,10 @@ class VhostUserBackend:
                                 vq.index, exc)
                     vq.broken = True
             else:
-                self._activate(vq)
+                try:
+                    self._activate(vq)
+                except ValueError as exc:
+                    log.warning("queue %d not started: %s", vq.index, exc)
         if old is not None:
             old.close()
         return True
@@ -371,9 +413,7 @@ class VhostUserBackend:
     async def _get_vring_base(self, msg: Message) -> bytes:
         index, _ = _VRING_STATE.unpack_from(msg.payload)
         vq = self.queue(index)
-        if vq.ready:
-            await self.listener.queue_stopping(vq)
-        base = vq.stop()
+        base = await self._stop_queue(vq)
         vq.close_fds()  # the spec: the kick fd is no longer used once the ring stops
         return _VRING_STATE.pack(index, base)
 
@@ -384,15 +424,14 @@ class VhostUserBackend:
             return vq, None
         if not msg.fds:
             raise ValueError(f"request {msg.request} without its fd")
+        check_notify_fd(msg.fds[0])  # refused: handle() closes it
         fd = msg.fds.pop(0)
         return vq, fd
 
     async def _set_vring_kick(self, msg: Message) -> bool:
         vq, fd = self._vring_fd(msg)
+        await self._stop_queue(vq)  # a new kick fd: whatever ran on the old one ends
         if vq.kick_fd is not None:
-            if vq.ready:
-                await self.listener.queue_stopping(vq)
-                vq.stop()
             os.close(vq.kick_fd)
         vq.kick_fd = fd
         if fd is None:
@@ -425,9 +464,8 @@ class VhostUserBackend:
         vq.enabled = bool(enable)
         if enable:
             self._activate(vq)
-        elif vq.ready:
-            await self.listener.queue_stopping(vq)
-            vq.stop()
+        else:
+            await self._stop_queue(vq)
             vq.started = vq.kick_fd is not None
         return True
 
@@ -469,8 +507,7 @@ class VhostUserBackend:
     async def reset(self) -> None:
         """RESET_OWNER / RESET_DEVICE: every ring stops, state back to just-connected."""
         for vq in self.queues.values():
-            if vq.ready:
-                await self.listener.queue_stopping(vq)
+            await self.listener.queue_stopping(vq)
             vq.reset()
         self.queues.clear()
         self.features = 0
@@ -483,6 +520,23 @@ class VhostUserBackend:
         if self.backend_sock is not None:
             self.backend_sock.close()
             self.backend_sock = None
+
+
+def check_notify_fd(fd: int) -> None:
+    """A kick, call or err fd must be an eventfd or a pipe/FIFO; it is made non-blocking.
+
+    A blocking fd would let the frontend stop the event loop in write() (an
+    eventfd at its maximum count, a full pipe); anything else (a file, a
+    socket, a device) is refused with ValueError.
+    """
+    try:
+        st = os.fstat(fd)
+        kind = "pipe" if stat.S_ISFIFO(st.st_mode) else os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise ValueError(f"notification fd: {exc.strerror}") from None
+    if kind not in ("pipe", "anon_inode:[eventfd]"):
+        raise ValueError(f"notification fd is not an eventfd or a pipe ({kind})")
+    os.set_blocking(fd, False)
 
 
 # Requests whose reply is their answer, not an ack.

@@ -10,7 +10,8 @@ The device pops a chain head from the available ring, walks the chain (the
 device-readable part carries the FUSE request, the device-writable part gets
 the reply), then puts {head, bytes written} in the used ring and bumps used.idx.
 
-Guest memory is untrusted. A chain that points outside guest memory, loops,
+Guest memory is untrusted; unsealed guest memory (see runtime/guest_memory.py)
+is checked for shrinking before the rings or buffers are touched. A chain that points outside guest memory, loops,
 is longer than the queue, nests indirect tables or puts readable after
 writable buffers comes back as a Chain with `error` set (the caller returns it
 with 0 bytes written); an available index or head that cannot be right marks
@@ -146,6 +147,7 @@ class Virtqueue:
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
         self.mem: GuestMemory | None = None
+        self._check_mem = False  # unsealed guest memory: check its size before touching it
 
     # -- setup -------------------------------------------------------------
     def map_rings(self, mem: GuestMemory) -> None:
@@ -154,10 +156,13 @@ class Virtqueue:
         n = self.num
         if not self.addr_set or not 0 < n <= MAX_QUEUE_SIZE:
             raise GuestMemoryError(f"queue {self.index} has no size or no ring addresses")
+        if not mem.intact():
+            raise GuestMemoryError("guest memory shrank under its mapping")
         self._desc = mem.user_view(self.desc_uaddr, 16 * n)
         self._avail = mem.user_view(self.avail_uaddr, 4 + 2 * n + 2)
         self._used = mem.user_view(self.used_uaddr, 4 + 8 * n + 2)
         self.mem = mem
+        self._check_mem = not mem.sealed
         self.broken = False
         # The used index lives in guest memory: a restarted ring continues from it.
         self.used_idx = self.signalled_used = _U16.unpack_from(self._used, 2)[0]
@@ -172,6 +177,19 @@ class Virtqueue:
     @property
     def ready(self) -> bool:
         return self._desc is not None and not self.broken
+
+    def intact(self) -> bool:
+        """Ready, and its guest memory still all there (unsealed memory can shrink).
+
+        A shrunk memory breaks the queue: touching it would be SIGBUS.
+        """
+        if not self.ready:
+            return False
+        if self._check_mem and not self.mem.intact():
+            self.broken = True
+            self.signal_error()
+            return False
+        return True
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -192,6 +210,8 @@ class Virtqueue:
         """The next chain, or None when the ring is empty. Raises QueueBroken."""
         if not self.ready:
             return None
+        if not self.intact():
+            raise QueueBroken(f"queue {self.index}: guest memory shrank under its mapping")
         avail = self.avail_idx()
         pending = (avail - self.last_avail) & 0xFFFF
         if pending == 0:
@@ -263,7 +283,7 @@ class Virtqueue:
     # -- used ring ---------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Publish one used element: the element first, then used.idx (store order)."""
-        if not self.ready:
+        if not self.intact():
             return
         slot = self.used_idx % self.num
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
@@ -272,7 +292,7 @@ class Virtqueue:
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (re-check)."""
-        if not self.ready:
+        if not self.intact():
             return False
         if self.event_idx:
             _U16.pack_into(self._used, 4 + 8 * self.num, self.last_avail)
@@ -281,7 +301,7 @@ class Virtqueue:
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
-        if not self.ready:
+        if not self.intact():
             return False
         full_fence()  # used.idx must be visible before reading the driver's suppression
         new = self.used_idx
@@ -297,14 +317,18 @@ class Virtqueue:
         return need
 
     def notify(self) -> None:
-        """Signal the call eventfd (the frontend turns it into a guest interrupt)."""
+        """Signal the call eventfd (the frontend turns it into a guest interrupt).
+
+        The fd is non-blocking (made so when received): a counter at its maximum
+        or a full pipe (EAGAIN) has already signalled, so the write is dropped.
+        """
         if self.call_fd is not None:
-            with contextlib.suppress(OSError):  # a full counter (EAGAIN) still wakes the guest
+            with contextlib.suppress(OSError):
                 os.write(self.call_fd, _EVENTFD_ONE)
 
     def signal_error(self) -> None:
         if self.err_fd is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # non-blocking too: see notify()
                 os.write(self.err_fd, _EVENTFD_ONE)
 
     # -- lifecycle ----------------------------------------------------------

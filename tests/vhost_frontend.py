@@ -13,6 +13,7 @@ address of the same bytes (what SET_VRING_ADDR carries) starts at UADDR_BASE.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import select
@@ -35,13 +36,18 @@ OUT_HEADER = struct.Struct("<IiQ")  # fuse_out_header
 
 
 class Frontend:
-    def __init__(self, path: str, mem_size: int = 8 << 20, timeout: float = 10.0):
+    def __init__(self, path: str, mem_size: int = 8 << 20, timeout: float = 10.0,
+                 sealed: bool = True):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.timeout = timeout
-        self.memfd = os.memfd_create("guest-ram")
+        # Sealed against shrinking and growing, as QEMU's memory-backend-memfd (seal=on).
+        self.memfd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING if sealed else 0)
         os.ftruncate(self.memfd, mem_size)
+        if sealed:
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.mem = mmap.mmap(self.memfd, mem_size)
         self.mem_size = mem_size
         self.brk = 0  # bump allocator over guest memory
@@ -128,8 +134,12 @@ class Frontend:
             "<QQQQ", GPA_BASE, self.mem_size, UADDR_BASE, 0)
         return self.acked(vu.SET_MEM_TABLE, payload, [self.memfd])
 
-    def setup_queue(self, index: int, size: int = 64, enable: bool = True) -> Queue:
+    def setup_queue(self, index: int, size: int = 64, enable: bool = True, **fds) -> Queue:
+        """fds: kick_fd / call_fd / err_fd to send instead of fresh eventfds."""
         q = Queue(self, index, size)
+        for name, fd in fds.items():
+            os.close(getattr(q, name))
+            setattr(q, name, fd)
         self.queues[index] = q
         self.send(vu.SET_VRING_NUM, struct.pack("<II", index, size))
         self.send(vu.SET_VRING_BASE, struct.pack("<II", index, 0))
@@ -194,7 +204,7 @@ class Queue:
         return out
 
     def add_chain(self, readable: list[bytes], writable: list[int],
-                  indirect: bool = False) -> tuple[int, list[tuple[int, int]]]:
+                  indirect: bool = False, kick: bool = True) -> tuple[int, list[tuple[int, int]]]:
         """Buffers in fresh guest memory; returns head and the writable (gpa, len)."""
         bufs = []
         for data in readable:
@@ -220,7 +230,7 @@ class Queue:
                 self.put_desc(idx[k], gpa, n, fl | (0 if last else F_NEXT),
                               0 if last else idx[k + 1])
             head = idx[0]
-        self.publish(head)
+        self.publish(head, kick)
         return head, out
 
     def publish(self, head: int, kick: bool = True) -> None:
@@ -273,17 +283,30 @@ class Queue:
         return True
 
     # -- FUSE round trip ------------------------------------------------------------------------
+    def fuse_nowait(self, opcode: int, nodeid: int, body: bytes = b"", reply_size: int = 4096,
+                    unique: int | None = None, split: bool = True, indirect: bool = False,
+                    length: int | None = None, kick: bool = True):
+        """Publish one FUSE request; returns (head, writable buffers, unique).
+
+        length: the fuse_in_header.len to claim (default: the true length).
+        """
+        if unique is None:
+            unique = self.fe.next_unique = getattr(self.fe, "next_unique", 0) + 2
+        if length is None:
+            length = IN_HEADER.size + len(body)
+        hdr = IN_HEADER.pack(length, opcode, unique, nodeid,
+                             os.getuid(), os.getgid(), os.getpid(), 0, 0)
+        readable = [hdr, body] if split and body else [hdr + body]
+        writable = [OUT_HEADER.size, reply_size] if split else [OUT_HEADER.size + reply_size]
+        head, out = self.add_chain(readable, writable, indirect=indirect, kick=kick)
+        return head, out, unique
+
     def fuse(self, opcode: int, nodeid: int, body: bytes = b"", reply_size: int = 4096,
              unique: int | None = None, split: bool = True,
              indirect: bool = False) -> tuple[int, bytes]:
         """Send one FUSE request; returns (error, reply payload)."""
-        if unique is None:
-            unique = self.fe.next_unique = getattr(self.fe, "next_unique", 0) + 2
-        hdr = IN_HEADER.pack(IN_HEADER.size + len(body), opcode, unique, nodeid,
-                             os.getuid(), os.getgid(), os.getpid(), 0, 0)
-        readable = [hdr, body] if split and body else [hdr + body]
-        writable = [OUT_HEADER.size, reply_size] if split else [OUT_HEADER.size + reply_size]
-        head, out = self.add_chain(readable, writable, indirect=indirect)
+        head, out, unique = self.fuse_nowait(opcode, nodeid, body, reply_size, unique, split,
+                                             indirect)
         ((used_id, used_len),) = self.wait_used()
         assert used_id == head, (used_id, head)
         data = b"".join(self.fe.read(gpa, n) for gpa, n in out)[:used_len]
