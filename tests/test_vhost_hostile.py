@@ -326,6 +326,7 @@ def test_an_idle_or_stalled_client_does_not_lock_out_others(backend, how):
         start = time.monotonic()
         serves_a_fresh_frontend(b, timeout=HANDSHAKE_TIMEOUT * 8)
         waited = time.monotonic() - start
+        print(f"{how}: a fresh frontend served after {waited:.1f} s")
         assert waited < HANDSHAKE_TIMEOUT * 8
         # The stalled client was dropped.
         hostile.settimeout(10)
@@ -401,6 +402,7 @@ def test_stopping_a_ring_during_a_second_init_keeps_the_session_working(backend)
             start = time.monotonic()
             fe.get_vring_base(1)
             took = time.monotonic() - start
+            print(f"cycle {cycle}: GET_VRING_BASE during a second INIT took {took:.2f} s")
             assert "still in flight at stop" not in b.log(), f"cycle {cycle}: {took:.1f} s"
             q.close()
             q = fe.setup_queue(1)
@@ -426,7 +428,8 @@ def test_a_kick_fd_at_eof_stops_its_queue_without_spinning(backend):
             cpu0, t0 = b.cpu_seconds(), time.monotonic()
             time.sleep(3)
             share = (b.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-            assert share < 0.3, f"the backend spent {share:.0%} of a core on an EOF kick fd"
+            print(f"CPU share with an EOF kick fd: {share:.1%}")
+            assert share < 0.1, f"the backend spent {share:.0%} of a core on an EOF kick fd"
             assert fe.get_u64(vu.GET_FEATURES)  # the connection goes on
         wait_until(lambda: "kick fd" in b.log(), 10, "a log line about the kick fd")
         serves_a_fresh_frontend(b)
