@@ -12,8 +12,9 @@ we hold runs inline (`inline_fstat`): it reads the in-memory inode. Network
 and FUSE filesystems may go out for attributes, so they keep the pool.
 
 Inline stays off, whatever the root, when a syscall of an op could wait for
-this very server: with `--symlinks follow` (a lookup opens a link's target,
-which may lie behind our own mountpoint), and when our mountpoint lies
+this very server: with `--symlinks follow` (a lookup walks a link's target
+anywhere on the host; runtime/follow.py refuses our own mount, but other
+network or FUSE mounts on the way may still wait), and when our mountpoint lies
 beneath the root (a lookup of its name would stat our own mount root).
 """
 

@@ -96,7 +96,9 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symlinks", choices=SYMLINK_POLICIES, default="opaque",
                    help="opaque: served as links whatever their target says, never followed by "
                         "the server (default); follow: served as their targets, even outside the "
-                        "root; deny: no new symlinks or hard links, and links whose target leaves "
+                        "root: a client (who can make links) reaches every host path this server "
+                        "can; links into this server's own mount (or any actorfs mount) are "
+                        "ELOOP; deny: no new symlinks or hard links, and links whose target leaves "
                         "the root refused (EACCES)")  # fmt: skip
     p.add_argument("--no-devices", dest="devices", action="store_false",
                    help="refuse mknod of character and block devices (EPERM; the overlayfs "

@@ -19,7 +19,7 @@ import stat
 import sys
 
 from actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
-from runtime import creds, dirstream, syscalls
+from runtime import creds, dirstream, follow, syscalls
 from runtime.attrs import (
     FATTR_ATIME,
     FATTR_ATIME_NOW,
@@ -96,12 +96,15 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
     """O_PATH fd + stat for parent/name under the symlink policy."""
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
     try:
+        if policy == "follow":  # never stat one of our own mounts (ELOOP)
+            follow.check_mount(fd, follow.mnt_id(pfd))
         st = os.fstat(fd)
         if stat.S_ISLNK(st.st_mode):
             if policy == "follow":
-                # The client sees the target (lstat fallback when broken).
+                # The client sees the target (lstat fallback when broken),
+                # resolved by runtime/follow.py: never through our own mount.
                 try:
-                    tfd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd)
+                    tfd = follow.open_target(pfd, name)
                 except OSError:
                     pass
                 else:

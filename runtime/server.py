@@ -23,7 +23,7 @@ import logging
 import os
 import time
 
-from runtime import fuse_mount
+from runtime import follow, fuse_mount
 from runtime.dispatcher import Dispatcher
 from runtime.filesystem import ConfigError, Filesystem, FsConfig
 from runtime.fuse_mount import MountError
@@ -198,6 +198,7 @@ class MountedServer:
             )
         )
         self.mount_info = m
+        follow.register_own(m.conn)  # --symlinks follow never walks into it
         try:
             self.dispatcher = Dispatcher(fs, "fuse", self.max_in_flight)
             transport = self.transport = FuseTransport(
@@ -298,6 +299,7 @@ class MountedServer:
         if fs.watcher is not None:
             fs.watcher.set_notifier(None)
         transport.close()
+        follow.unregister_own(m.conn)
         log.info("unmounted %s (%s)", m.mountpoint, self.reason)
 
 
