@@ -750,3 +750,47 @@ def test_second_init_starts_a_new_session(tmp_path):
     finally:
         fe.close()
         server.stop()
+
+
+def test_guest_memory_must_be_sealed_unless_allowed(tmp_path):
+    """Unsealed regions are refused; allowed, they are size-checked before use."""
+    import fcntl
+
+    from runtime.guest_memory import GuestMemory, GuestMemoryError
+    from runtime.virtqueue import QueueBroken, Virtqueue
+
+    size = 1 << 16
+    entry = [(0x10000, size, 0x10000, 0)]
+
+    def memfd(sealed: bool) -> int:
+        fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        if sealed:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return fd
+
+    with pytest.raises(GuestMemoryError, match="sealed"):
+        GuestMemory.from_fds(entry, [memfd(False)])
+    GuestMemory.from_fds(entry, [memfd(True)]).close()
+    for dev in ("/dev/zero", "/dev/null"):
+        with pytest.raises(GuestMemoryError, match="shareable"):
+            GuestMemory.from_fds(entry, [os.open(dev, os.O_RDWR)], allow_unsealed=True)
+    fd = memfd(False)
+    keep = os.dup(fd)
+    mem = GuestMemory.from_fds(entry, [fd], allow_unsealed=True)
+    try:
+        vq = Virtqueue(1)
+        vq.num = 4
+        vq.desc_uaddr, vq.avail_uaddr, vq.used_uaddr = 0x10000, 0x11000, 0x12000
+        vq.addr_set = True
+        vq.map_rings(mem)
+        assert mem.intact() and vq.intact()
+        os.ftruncate(keep, 4096)  # the rings are now past the end of the file
+        assert not mem.intact()
+        with pytest.raises(QueueBroken, match="shrank"):
+            vq.pop()
+        vq.push(0, 0)  # not touched: no SIGBUS
+        assert not vq.needs_notify() and vq.broken
+    finally:
+        mem.close()
+        os.close(keep)
