@@ -258,15 +258,20 @@ def test_fds_that_are_not_eventfds_or_pipes_are_refused(backend, tmp_path):
     with frontend(b.path) as fe:
         fe.negotiate()
         assert fe.set_mem_table() == 0
-        for request in (vu.SET_VRING_CALL, vu.SET_VRING_ERR, vu.SET_VRING_KICK):
-            for make in (lambda: os.open(str(f), os.O_RDWR), lambda: os.open("/dev/null", os.O_RDWR),
-                         lambda: socket.socketpair()[0].detach()):
-                fd = make()
-                try:
-                    ack = fe.acked(request, struct.pack("<Q", 1), [fd])
-                finally:
-                    os.close(fd)
-                assert ack != 0, f"request {request}: an fd that is no eventfd or pipe accepted"
+        a, b_end = socket.socketpair()
+        try:
+            for request in (vu.SET_VRING_CALL, vu.SET_VRING_ERR, vu.SET_VRING_KICK):
+                for make in (lambda: os.open(str(f), os.O_RDWR),
+                             lambda: os.open("/dev/null", os.O_RDWR), lambda: os.dup(a.fileno())):
+                    fd = make()
+                    try:
+                        ack = fe.acked(request, struct.pack("<Q", 1), [fd])
+                    finally:
+                        os.close(fd)
+                    assert ack != 0, f"request {request}: an fd that is no eventfd or pipe accepted"
+        finally:
+            a.close()
+            b_end.close()
         # The connection goes on: a proper queue works.
         fe.setup_queue(0)
         q = fe.setup_queue(1)
