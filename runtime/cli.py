@@ -2,7 +2,9 @@
 
     actorfs mount SRC MNT [-f] [--cache auto] ...   FUSE mount on the host
     actorfs serve --socket PATH SRC ...             virtio-fs over vhost-user
+    actorfs stats MNT|SOCKET                        live request figures of a running server
     actorfs demo                                    mount a sample tree, use it, unmount
+    actorfs SRC MNT -o OPTS                         the mount helper form (mount -t fuse.actorfs)
 
 Every user error is one line, `actorfs: error: ...`, naming the thing and the
 fix, with exit status 2 (as argparse does); no traceback.
@@ -20,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 
 from runtime import fuse_mount
 from runtime.backing_fs import INLINE_MODES
@@ -121,6 +124,15 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
     p.add_argument("--stats-interval", type=_positive_float, metavar="N",
                    help="print request statistics to stderr every N seconds")  # fmt: skip
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="log messages of this level and above to stderr (default warning; "
+                        "--debug: debug)")  # fmt: skip
+    p.add_argument("--metrics", metavar="ADDR", default=None,
+                   help="serve Prometheus metrics on ADDR: PORT or HOST:PORT (localhost "
+                        "unless HOST is given) or a unix socket path (default: off)")  # fmt: skip
+    p.add_argument("--stats-socket", metavar="PATH", default=None,
+                   help="where `actorfs stats` reads this server's figures (default: under "
+                        "/run/actorfs/, named after MNT or the socket; 'none': off)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve SRC to a VM over a vhost-user socket (virtio-fs)",
                        description="Serve the directory SRC to a virtio-fs frontend.")  # fmt: skip
-    s.add_argument("src", metavar="SRC", help="the directory to serve")
-    s.add_argument(
-        "--socket", required=True, metavar="PATH", help="the vhost-user socket to create"
-    )
+    s.add_argument("src", metavar="SRC", nargs="?", help="the directory to serve")
+    s.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                   help="the vhost-user socket to create")  # fmt: skip
+    s.add_argument("--fd", type=_whole_number(0, 1 << 20), metavar="N", default=None,
+                   help="serve on this already-listening unix socket, passed by the "
+                        "launcher (instead of --socket)")  # fmt: skip
+    s.add_argument("--print-capabilities", action="store_true",
+                   help="print the vhost-user backend's capabilities as JSON and exit")  # fmt: skip
     s.add_argument("--once", action="store_true", help="exit after the first frontend disconnects")
     s.add_argument("--dax-window", metavar="NAME", help="POSIX shm object name of the DAX window")
     s.add_argument("--dax-size", type=parse_size, default=0, metavar="SIZE",
@@ -162,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory-backend-file): a frontend that truncates it could then "
                         "kill the server (default: memfd with F_SEAL_SHRINK only)")  # fmt: skip
     _add_fs_options(s)
+
+    st = sub.add_parser("stats", help="show a running server's request rates, errors and latency",
+                        description="Live per-op figures of the server serving MNT (a "
+                                    "mountpoint) or SOCKET (its vhost-user socket or its stats "
+                                    "socket), refreshed in place; Ctrl-C to quit.")  # fmt: skip
+    st.add_argument("target", metavar="MNT|SOCKET")
+    st.add_argument("-n", "--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 1)")  # fmt: skip
+    st.add_argument("--once", action="store_true", help="print one reading and exit")
+
+    j = sub.add_parser("vhost-user-json",
+                       help="write the vhost-user JSON description of actorfs-virtiofsd",
+                       description="Write the description QEMU's and libvirt's backend "
+                                   "discovery reads (e.g. into /usr/share/qemu/vhost-user/).")  # fmt: skip
+    j.add_argument("file", metavar="FILE", nargs="?", help="where to write it (default: stdout)")
+    j.add_argument("--binary", metavar="PATH", default=None,
+                   help="the daemon it names (default: actorfs-virtiofsd on PATH)")  # fmt: skip
 
     d = sub.add_parser("demo", help="mount a sample tree, work in it with real programs, unmount",
                        description="A self-contained tour: needs root or fusermount3.")  # fmt: skip
@@ -186,12 +219,22 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
     return config
 
 
-def setup_logging(debug: bool) -> None:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(debug: bool, level: str | None = None) -> None:
+    from runtime.sd_notify import journal_formatter
+
+    level = level or ("debug" if debug else "warning")
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
+        level=getattr(logging, level.upper()),
         format="actorfs: %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    fmt = journal_formatter()  # stderr is the journal: syslog priorities it understands
+    if fmt is not None:
+        for h in logging.getLogger().handlers:
+            h.setFormatter(fmt)
 
 
 def run_loop(coro):
@@ -242,7 +285,10 @@ def _print_stats(server) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    setup_logging(args.debug)
+    from runtime.mount_helper import log_notes
+
+    setup_logging(args.debug, args.log_level)
+    log_notes()  # what the mount helper form ignored
     # Everything the user can get wrong is checked here, before any fork.
     src = fuse_mount.check_source(args.src)
     fuse_mount.check_device()
@@ -284,13 +330,21 @@ def mount_options(args: argparse.Namespace) -> dict:
 
 
 async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
+    from runtime import sd_notify
     from runtime.server import MountedServer, ServerFailed
 
     server = MountedServer(config, mnt, **mount_options(args))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    observers = _observers(args, server.stats, mnt)
+    try:
+        await observers.start()  # before mounting: a bad --metrics is said at once
+    except (OSError, ValueError) as exc:
+        return on_ready(None, f"cannot serve metrics on {args.metrics}: {exc}") or USER_ERROR
 
     def request_stop() -> None:
+        if not stop.is_set():
+            sd_notify.stopping(f"unmounting {mnt}")
         stop.set()
         server.request_stop()
 
@@ -303,18 +357,23 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
         await server.start()
     except MountError as exc:
         _remove_handlers(loop)
+        await observers.close()
         return on_ready(None, str(exc)) or USER_ERROR
     except ServerFailed as exc:
         _remove_handlers(loop)
+        await observers.close()
         return on_ready(None, str(exc), 1) or 1
     if not server.ready:  # a signal arrived while mounting
         await server.stop()
         _remove_handlers(loop)
+        await observers.close()
         return on_ready(None, "stopped by a signal before the mount was ready", 1) or 1
     ticker = None
     if args.stats_interval:
         ticker = asyncio.create_task(_stats_every(server, args.stats_interval))
     on_ready(server)
+    extra = observers.summary()
+    sd_notify.ready(f"serving {config.root} on {mnt}" + (f"; {extra}" if extra else ""))
     waiter = asyncio.create_task(server.wait())
     stopper = asyncio.create_task(stop.wait())
     try:
@@ -325,6 +384,7 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
             ticker.cancel()
         await server.stop()
         _remove_handlers(loop)
+        await observers.close()
     if server.failure is not None:
         print(f"{PROG}: server failed: {server.reason}: {server.failure}", file=sys.stderr)
         with contextlib.suppress(BaseException):
@@ -416,7 +476,17 @@ def _foreground_ready(server, error: str | None = None, status: int = USER_ERROR
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.debug)
+    from runtime import sd_notify
+    from runtime.vhost_conventions import capabilities_json
+
+    if args.print_capabilities:
+        print(capabilities_json())
+        return 0
+    setup_logging(args.debug, args.log_level)
+    if args.src is None:
+        raise UserError("serve needs SRC, the directory to serve")
+    if (args.socket is None) == (args.fd is None):
+        raise UserError("serve: one of these is required: --socket PATH, or --fd N (a listening socket)")
     try:
         from runtime.vhost_server import serve_vhost_user
     except ImportError as exc:
@@ -425,7 +495,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dax_size and args.dax_window is None:
         args.dax_window = f"/actorfs-dax-{os.getpid()}"
 
+    where = args.socket or f"fd {args.fd}"
+    live: dict = {}
+
+    def stats() -> dict:
+        conn = live.get("conn")
+        out = {"socket": where, "root": config.root, "uptime_s": round(time.monotonic() - t0, 3)}
+        if conn is not None:
+            out["requests"] = conn.dispatcher.stats()
+        return out
+
+    t0 = time.monotonic()
+    observers = _observers(args, stats, args.socket or f"fd-{os.getpid()}")
+
     async def main() -> int:
+        try:
+            await observers.start()
+        except (OSError, ValueError) as exc:
+            return fail(f"cannot serve metrics on {args.metrics}: {exc}", 1)
+        extra = observers.summary()
+
+        def listening() -> None:
+            sd_notify.ready(f"serving {config.root} on {where}" + (f"; {extra}" if extra else ""))
+
         task = asyncio.create_task(
             serve_vhost_user(
                 config,
@@ -435,17 +527,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 dax_size=args.dax_size,
                 stats_interval=args.stats_interval or 0,
                 allow_unsealed_memory=args.allow_unsealed_memory,
+                listen_fd=args.fd,
+                on_listening=listening,
+                on_connection=lambda conn: live.__setitem__("conn", conn),
             )
         )
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            sd_notify.stopping(f"stopping: {where}")
+            task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             return await task
         except asyncio.CancelledError:
             return 0
+        finally:
+            await observers.close()
 
     return run_loop(main()) or 0
+
+
+def _observers(args: argparse.Namespace, stats, target: str):
+    from runtime.observe import Observers, stats_socket_for
+
+    path = args.stats_socket
+    if path is None:
+        path = stats_socket_for(target)
+    elif path == "none":
+        path = None
+    return Observers(stats, stats_socket=path, metrics=args.metrics)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from runtime.stats_view import run_stats_view
+
+    return run_stats_view(args.target, interval=args.interval, once=args.once)
+
+
+def cmd_vhost_user_json(args: argparse.Namespace) -> int:
+    from runtime.vhost_conventions import write_description
+
+    return write_description(args.file, args.binary)
 
 
 # -- demo -----------------------------------------------------------------------------
@@ -531,7 +656,8 @@ async def _demo(src: str, mnt: str, *, hold: bool) -> int:
 
 # -- entry point ----------------------------------------------------------------------
 
-COMMANDS = {"mount": cmd_mount, "serve": cmd_serve, "demo": cmd_demo}
+COMMANDS = {"mount": cmd_mount, "serve": cmd_serve, "stats": cmd_stats,
+            "vhost-user-json": cmd_vhost_user_json, "demo": cmd_demo}
 
 
 def prepare_process() -> None:
@@ -543,6 +669,12 @@ def prepare_process() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
+        if argv is None:
+            argv = sys.argv[1:]
+        from runtime.mount_helper import is_helper_form, translate
+
+        if is_helper_form(argv, COMMANDS):  # mount.fuse3 runs `actorfs SRC MNT -o opts`
+            argv = translate(argv)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help(sys.stderr)

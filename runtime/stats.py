@@ -63,6 +63,7 @@ class Stats:
                 "count": s.count,
                 "errors": s.errors,
                 "mean_us": s.total_ns // s.count // 1000 if s.count else 0,
+                "sum_us": s.total_ns // 1000,
                 "p50_us": s.percentile_us(0.5),
                 "p99_us": s.percentile_us(0.99),
                 # Only the buckets in use: {upper bound in us: count}.

@@ -468,7 +468,8 @@ class Session:
 
 async def serve_connection(config: FsConfig, sock: socket.socket, *,
                            tag: str | None = None, stats_interval: float = 0,
-                           allow_unsealed_memory: bool = False) -> None:
+                           allow_unsealed_memory: bool = False,
+                           on_connection=None) -> None:
     """Serve one frontend until it disconnects, in a fresh FUSE session."""
     sock.setblocking(False)
     session = None
@@ -486,6 +487,8 @@ async def serve_connection(config: FsConfig, sock: socket.socket, *,
         session = await Session(config).open()
         conn = Connection(sock, session.dispatcher, tag=tag, dax_window=session.dax_window,
                           renew=renew, allow_unsealed=allow_unsealed_memory)
+        if on_connection is not None:  # e.g. the stats socket reads conn.dispatcher
+            on_connection(conn)
         await _serve(conn, stats_interval)
     finally:
         try:
@@ -529,17 +532,40 @@ async def _log_stats(conn: Connection, interval: float) -> None:
         log.info("stats: %s", conn.dispatcher.stats())
 
 
-async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = False,
+def adopt_listener(fd: int) -> socket.socket:
+    """The already-listening unix socket a launcher passed as fd (`--fd=N`)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise SocketInUse(f"--fd={fd} is not an open file descriptor: pass the listening socket's fd") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"--fd={fd} is not a socket: pass a listening unix socket")
+    sock = socket.socket(fileno=fd)
+    if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+        sock.detach()
+        raise SocketInUse(f"--fd={fd} is not a listening unix stream socket: "
+                          "bind and listen() before passing it")
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_vhost_user(config: FsConfig, socket_path: str | None, *, once: bool = False,
                            dax_name: str | None = None, dax_size: int = 0,
-                           stats_interval: float = 0, allow_unsealed_memory: bool = False) -> int:
+                           stats_interval: float = 0, allow_unsealed_memory: bool = False,
+                           listen_fd: int | None = None, on_listening=None,
+                           on_connection=None) -> int:
     """Serve frontends on `socket_path` one after the other (just one with `once`).
 
     Guest memory must be sealed against shrinking (a memfd with F_SEAL_SHRINK,
     as QEMU's memory-backend-memfd makes it) unless `allow_unsealed_memory`:
     see runtime/guest_memory.py.
 
-    Returns the exit status; user errors are one line on stderr. Cancelling the
-    coroutine (SIGTERM in the CLI) closes the connection and removes the socket.
+    listen_fd: serve on this already-listening socket instead (the launcher owns
+    its path). on_listening(): called once the socket listens; on_connection(conn)
+    for each frontend. Returns the exit status; user errors are one line on
+    stderr. Cancelling the coroutine (SIGTERM in the CLI) closes the connection
+    and removes the socket.
     """
     try:
         config.root = check_root(config.root)
@@ -549,17 +575,23 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
             from runtime.filesystem import Filesystem
 
             Filesystem._make_dax_window(config).close()
-        listener = bind_socket(socket_path)
+        if listen_fd is not None:
+            listener = adopt_listener(listen_fd)
+        else:
+            listener = bind_socket(socket_path)
     except (ConfigError, SocketInUse, ValueError) as exc:
         print(f"actorfs: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"actorfs: cannot listen on {socket_path}: {exc.strerror}", file=sys.stderr)
         return 1
-    ino = os.lstat(socket_path).st_ino
+    ino = os.lstat(socket_path).st_ino if listen_fd is None else None
     loop = asyncio.get_running_loop()
     tag = config.extra.get("tag")  # the virtio-fs config space tag, if the frontend asks
-    log.info("waiting for a vhost-user frontend on %s", socket_path)
+    log.info("waiting for a vhost-user frontend on %s",
+             socket_path if listen_fd is None else f"fd {listen_fd}")
+    if on_listening is not None:
+        on_listening()
     try:
         while True:
             task = asyncio.current_task()
@@ -571,7 +603,8 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
             log.info("frontend connected")
             try:
                 await serve_connection(config, sock, tag=tag, stats_interval=stats_interval,
-                                       allow_unsealed_memory=allow_unsealed_memory)
+                                       allow_unsealed_memory=allow_unsealed_memory,
+                                       on_connection=on_connection)
             except Exception as exc:  # e.g. the session could not start: say so, go on
                 log.exception("the connection failed")
                 if once:
@@ -582,4 +615,5 @@ async def serve_vhost_user(config: FsConfig, socket_path: str, *, once: bool = F
                 return 0
     finally:
         listener.close()
-        _remove_socket(socket_path, ino)
+        if listen_fd is None:
+            _remove_socket(socket_path, ino)

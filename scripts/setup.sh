@@ -16,6 +16,6 @@ if ((${#missing[@]})); then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 modprobe fuse 2>/dev/null || true
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 # The coverage-guided fuzzer (a short run is part of the tests).
 python3 -m pip install -q --disable-pip-version-check atheris

@@ -92,3 +92,43 @@ def test_guest_reboot_without_unmount_gets_a_fresh_session(tmp_path):
     assert lines and not failures, "\n".join(failures) + context
     assert (root / ".rebooted").read_text() == "first boot\n"
     assert run.backend_status == 0, context
+
+
+def test_libvirt_command_line_through_actorfs_virtiofsd(tmp_path, monkeypatch):
+    """The daemon started exactly as libvirt starts a <binary path=...> virtio-fs daemon.
+
+    libvirt's command-line builder (src/qemu/qemu_virtiofs.c) opens the vhost-user
+    socket itself (bound, listening, non-blocking), passes it as --fd=N and runs
+
+        BINARY --fd=N -o source=DIR,cache=MODE,sandbox=MODE,xattr,no_flock,no_posix_lock
+               --thread-pool-size=N
+
+    with commas in DIR doubled, then starts QEMU with a chardev on that path.
+    """
+    from tests.test_integration import _listening_socket, program, script_env
+
+    img = _guest_image()
+    root = tmp_path / "shared,dir"  # libvirt escapes the comma: source=...shared,,dir
+    run_mod.prepare_root(root)
+    sock_path = tmp_path / "actorfs-virtiofsd.sock"
+    listener = _listening_socket(str(sock_path))
+    fd = listener.detach()
+    source = str(root).replace(",", ",,")
+    command = [program("actorfs-virtiofsd"), f"--fd={fd}", "-o",
+               f"source={source},cache=always,sandbox=chroot,xattr,no_flock,no_posix_lock",
+               "--thread-pool-size=16"]  # fmt: skip
+    monkeypatch.setenv("PYTHONPATH", script_env()["PYTHONPATH"])  # this checkout's code
+    run = run_mod.run_guest(img, "actorfs-virtiofsd", tmp_path, root, command=command,
+                            pass_fds=(fd,))
+    context = run.context()
+    assert "ACTORFS-MOUNTED" in run.console, context
+    lines = run.report()
+    failures = [line for line in lines if line.startswith("FAIL")]
+    assert lines and not failures, "\n".join(failures) + context
+    assert "ACTORFS-UMOUNTED" in run.console, context
+    assert run.backend_status == 0, context  # like virtiofsd: it leaves with its frontend
+    assert (root / "created.txt").read_text() == "second\nmore\n"
+    # Each libvirt option it does not use, said once in its log (libvirt's log file).
+    for opt in ("sandbox=chroot", "xattr", "no_flock", "no_posix_lock", "--thread-pool-size=16"):
+        assert sum(f"ignoring {opt}" in line or f"ignoring -o {opt}" in line
+                   for line in run.backend_log.splitlines()) == 1, (opt, run.backend_log)

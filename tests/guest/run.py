@@ -11,6 +11,7 @@ Each run gets a fresh directory with `from_host.txt`, as the workload expects.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -64,14 +65,25 @@ class GuestRun:
 
 
 def run_guest(img: image.GuestImage, backend: str, workdir: Path, root: Path,
-              reboot: bool = False) -> GuestRun:
-    """Start the backend on a socket in workdir, boot the guest, wait for both to end."""
+              reboot: bool = False, command: list[str] | None = None,
+              pass_fds: tuple[int, ...] = ()) -> GuestRun:
+    """Start the backend on a socket in workdir, boot the guest, wait for both to end.
+
+    command: the backend's command line instead of backend_command()'s; pass_fds:
+    fds handed to it (as a launcher does with a listening socket: closed here
+    once the backend has them).
+    """
     sock = workdir / f"{backend}.sock"
     console_log = workdir / f"{backend}-console.log"
     backend_log = workdir / f"{backend}.log"
     with open(backend_log, "wb") as blog:
-        server = subprocess.Popen(backend_command(backend, sock, root), stdout=blog,
-                                  stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            server = subprocess.Popen(command or backend_command(backend, sock, root),
+                                      stdout=blog, stderr=subprocess.STDOUT, cwd=REPO,
+                                      pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         try:
             deadline = time.monotonic() + 30
             while not sock.exists():
