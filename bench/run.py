@@ -196,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     text = report.render(meta, targets, results, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
+    try:  # the charts beside the tables (the bench extra: matplotlib)
+        import plots
+
+        for png in plots.annotate(Path(args.out)):
+            print(f"wrote {png}")
+    except ImportError as exc:
+        print(f"no charts ({exc}): pip install -e '.[bench]'", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s")

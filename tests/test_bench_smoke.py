@@ -78,6 +78,29 @@ def test_diff_stats_subtracts_histograms():
                  "OPEN": {"count": 1, "histogram_us": {"8": 1}}}  # fmt: skip
 
 
+def test_plots_chart_every_table_and_link_each_once(tmp_path):
+    import plots
+
+    targets, rows = _synthetic_results()
+    meta = {"date": "d", "machine": "m", "kernel": "k", "python": "p", "mode": "quick",
+            "repeat": 3, "sizes": "s"}  # fmt: skip
+    out = tmp_path / "BENCH.md"
+    out.write_text(report.render(meta, targets, rows, []) + "\n")
+    tables = {t.workload: t for t in plots.parse(out.read_text())}
+    # ratios as the chart draws them: taller is better, 1 is native
+    assert tables["metadata"].ratios["actorfs auto / tmpfs"]["create"] == pytest.approx(0.1)
+    assert tables["small_files"].ratios["actorfs auto / tmpfs"]["extract"] == pytest.approx(0.1)
+    pngs = plots.annotate(out)
+    assert [p.name for p in pngs] == ["BENCH-metadata.png", "BENCH-small_files.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    first = out.read_text()
+    assert first.count("](plots/BENCH-metadata.png)") == 1
+    assert plots.annotate(out) == pngs and out.read_text() == first  # again: nothing doubled
+    link = first.index("](plots/BENCH-metadata.png)")
+    assert first.index("### metadata") < link < first.index("Server latency for metadata")
+
+
 @pytest.mark.slow
 def test_quick_run_writes_a_well_formed_report(tmp_path):
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
@@ -104,6 +127,11 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
         assert re.search(rf"Server latency for {workload} .*?\| actorfs auto / tmpfs \| \w+ \d+× "
                          r"\d+/\d+", md, re.S), workload  # fmt: skip
     assert re.search(r"\| create >= 3% \| \d+\.\d% of native \| (yes|no) \|", md)
+    # the charts beside the tables, linked under them
+    pngs = sorted((tmp_path / "plots").glob("BENCH-*.png"))
+    assert {p.name for p in pngs} >= {f"BENCH-{w}.png" for w in UNITS}, pngs
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert f"](plots/BENCH-{next(iter(UNITS))}.png)" in md
     # nothing left mounted
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounts
