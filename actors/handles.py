@@ -7,6 +7,11 @@ gets EBADF instead of someone else's file.
 A directory handle holds only its fd: READDIR reads from the host at the
 host's own offsets each time (runtime/dirstream.py), so a handle costs no
 memory beyond the fd however large the directory.
+
+Handle fds count against the fd budget they share with the inode table's
+O_PATH fd cache (actors/inode_table.py, FdBudget): when it is full, a new
+handle evicts an unused cached O_PATH fd; only when every fd is a handle (or
+the root, or an inode with open handles) is the new open refused with EMFILE.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ class Handle:
 class HandleTable(Actor):
     name = "handles"
 
-    def __init__(self, max_handles: int = 1 << 18):
+    def __init__(self, max_handles: int = 1 << 18, budget=None):
         super().__init__()
         self.max_handles = max_handles
+        self.budget = budget  # an inode_table.FdBudget, or None (no shared budget)
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.refused = 0
@@ -70,10 +76,15 @@ class HandleTable(Actor):
         return h
 
     def _add(self, fd: int, nodeid: int, is_dir: bool, backing_id: int) -> int:
-        if len(self._handles) >= self.max_handles:
+        budget = self.budget
+        if len(self._handles) >= self.max_handles or (
+            budget is not None and not budget.room_for_handle()
+        ):
             os.close(fd)
             self.refused += 1
             raise FsError(errno.EMFILE, "too many open handles")
+        if budget is not None:
+            budget.handles += 1
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(fh, fd, nodeid, is_dir, backing_id=backing_id)
@@ -88,11 +99,15 @@ class HandleTable(Actor):
     def _remove(self, fh: int, want_dir: bool | None) -> Handle:
         h = self._lookup(fh, want_dir)
         del self._handles[fh]
+        if self.budget is not None:
+            self.budget.handles -= 1
         return h
 
     def _reset(self) -> list[Handle]:
         gone = list(self._handles.values())
         self._handles.clear()
+        if self.budget is not None:
+            self.budget.handles = 0
         return gone
 
     def close(self) -> None:
@@ -102,4 +117,6 @@ class HandleTable(Actor):
             except OSError:
                 pass
         self._handles.clear()
+        if self.budget is not None:
+            self.budget.handles = 0
 

@@ -1,33 +1,66 @@
-"""The inode table actor: nodeid <-> host object, lookup counts, FORGET, rename.
+"""The inode table actor: nodeid <-> host object, lookup counts, FORGET, rename,
+and the bounded cache of O_PATH fds through which every op reaches an object.
 
-Each live inode holds an O_PATH fd on its host object; that fd, not a path, is
-how every op reaches the object (with *at() syscalls and one validated name).
 Identity is (st_dev, st_ino): a second hard link looked up under another name
-gets the same nodeid. Holding the O_PATH fd pins the host inode, so its
-(st_dev, st_ino) cannot be reused by another object while the nodeid lives.
+gets the same nodeid. nodeids start at FUSE_ROOT_ID + 1 and are never reused
+while the server runs. The root (nodeid 1) is never freed. Every Entry handed
+to the client adds one lookup; FORGET subtracts; at zero the inode is dropped.
 
-nodeids start at FUSE_ROOT_ID + 1 and are never reused while the server runs.
-The root (nodeid 1) is never freed. Every Entry handed to the client adds one
-lookup; FORGET subtracts; at zero the inode is dropped and its fd closed.
+The fd cache (docs/ARCHITECTURE.md, "Huge trees"). An inode holds an O_PATH
+fd only while it is in a bounded LRU cache; the root and inodes with open
+file or directory handles (pinned) always keep theirs. The cache's size is
+`--fd-cache N`, else derived from RLIMIT_NOFILE (re-read on every decision, so
+a limit lowered on the running server with prlimit is obeyed) with headroom
+for open files and directories: both draw on one `FdBudget`. When the budget
+is full, a new handle first evicts an unused O_PATH fd; only when every fd is
+a handle does the client get EMFILE.
+
+When an fd is evicted the inode keeps what it takes to find the very same
+object again: its file handle (name_to_handle_at, with the mount id) where the
+filesystem has handles, its birth time (statx) where it reports one, and its
+(parent nodeid, name) bindings, kept true across the client's renames. The
+next use reopens it:
+- by handle (open_by_handle_at), when the server may (CAP_DAC_READ_SEARCH,
+  i.e. root) and the filesystem has handles: the object itself, wherever the
+  host moved it, as the held fd would have followed it;
+- else by name: from the nearest ancestor that still holds an fd (the root at
+  worst) one component at a time with openat2 RESOLVE_BENEATH |
+  RESOLVE_NO_SYMLINKS, each step verified as below and cached.
+Every reopened fd is checked against the inode's (st_dev, st_ino), kind,
+handle or birth time: a mismatch (the host replaced the object under the same
+name, or deleted it) gives ESTALE, never another object. A lookup that meets
+an evicted inode's (st_dev, st_ino) is checked the same way; a different
+object (the number was reused) gets a new nodeid and the old one goes stale.
+
+Reopens run in the actor, on the event loop, as the dup of a held fd did:
+a handful of syscalls on in-memory inodes. On a cold disk root a name walk can
+wait for the disk (docs/ARCHITECTURE.md weighs this).
 
 The (parent, name) -> nodeid map and the per-inode host path are kept true
-across unlink, rmdir and rename; they serve snapshots and messages, never
-access.
+across unlink, rmdir and rename; the map also serves reopening by name; the
+path serves snapshots and messages, never access.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from runtime import syscalls
 from runtime.actor import Actor
 from runtime.attrs import FUSE_ROOT_ID
 from runtime.errno_map import FsError
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK, KIND_OTHER = 0, 1, 2, 3
+
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_RESOLVE_ONE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 
 def kind_of_mode(mode: int) -> int:
@@ -43,13 +76,68 @@ def kind_of_mode(mode: int) -> int:
 @dataclass(slots=True)
 class Inode:
     nodeid: int
-    fd: int  # O_PATH fd owned by the table
+    fd: int  # O_PATH fd owned by the table; -1 while evicted from the fd cache
     key: tuple[int, int]  # (st_dev, st_ino)
     kind: int
     path: bytes  # best-effort host path, for snapshots and messages only
     nlookup: int = 0
     # (parent nodeid, name) pairs under which the client knows this inode.
     names: set[tuple[int, bytes]] = field(default_factory=set)
+    pins: int = 0  # open file/dir handles on it: its fd is never evicted
+    # (handle | None, mount id, birth time | None): taken at the first eviction,
+    # while the held fd still pins the object.
+    ident: tuple | None = None
+    stale: bool = False  # its (st_dev, st_ino) now names another object
+
+
+class FdBudget:
+    """One fd budget for the inode table's O_PATH fds and the handle table's fds.
+
+    total() is RLIMIT_NOFILE's soft limit (read each time: cheap, and a limit
+    lowered on the running server is obeyed) less a reserve for transient dups
+    (two per request in flight), the transport, the pool and the interpreter.
+    The fd cache gets `fd_cache` fds (else 3/4 of the total), never more than
+    what open handles leave; handles may take all but a few.
+    """
+
+    MIN_CACHE = 8  # O_PATH fds kept for lookups even when handles fill the budget
+
+    def __init__(self, fd_cache: int | None = None, max_in_flight: int = 256):
+        self.fd_cache = fd_cache
+        self.max_in_flight = max_in_flight
+        self.handles = 0  # open handle fds (kept by the handle table)
+        self._fixed = _zero  # the inode table: fds it never evicts (root, pinned, mounts)
+        self._cached = _zero  # the inode table: evictable fds it holds
+        self._evict = _evict_none  # the inode table: evict n cached fds, return how many
+
+    def total(self) -> int:
+        n = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if n == resource.RLIM_INFINITY:
+            n = 1 << 20
+        return max(n - min(2 * self.max_in_flight + 64, n // 2), 2 * self.MIN_CACHE)
+
+    def cache_cap(self) -> int:
+        total = self.total()
+        want = self.fd_cache if self.fd_cache else total * 3 // 4
+        return max(1, min(want, total - self.handles - self._fixed()))
+
+    def room_for_handle(self) -> bool:
+        """Whether one more handle fits; evicts an unused O_PATH fd to make room."""
+        total = self.total()
+        if self.handles + self._fixed() + self._cached() < total:
+            return True
+        return self._evict(1) > 0  # else every fd is a handle, the root or pinned
+
+    def attach(self, fixed, cached, evict) -> None:
+        self._fixed, self._cached, self._evict = fixed, cached, evict
+
+
+def _zero() -> int:
+    return 0
+
+
+def _evict_none(n: int) -> int:
+    return 0
 
 
 class SnapshotError(ValueError):
@@ -68,10 +156,15 @@ _KIND_NAMES = {KIND_FILE: "file", KIND_DIR: "dir", KIND_SYMLINK: "symlink", KIND
 class InodeTable(Actor):
     name = "inode_table"
 
-    def __init__(self, root: str, max_inodes: int = 1 << 20):
+    def __init__(
+        self, root: str, max_inodes: int = 1 << 20, budget: FdBudget | None = None,
+        file_handles: bool | None = None, follow: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.root = os.fsencode(root)
         self.max_inodes = max_inodes
+        self.budget = budget if budget is not None else FdBudget()
+        self.follow = follow  # --symlinks follow: a name may lead through its final symlink
         fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self._inodes: dict[int, Inode] = {}
@@ -83,24 +176,65 @@ class InodeTable(Actor):
         self._inodes[FUSE_ROOT_ID] = root_inode
         self._by_key[root_inode.key] = FUSE_ROOT_ID
         self.root_fd = fd
+        # The fd cache: nodeids holding an evictable fd, least recently used first.
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._pinned_fds = 0  # inodes with open handles that hold their fd
+        self._mount_fds: dict[int, int] = {}  # mount id -> a plain (not O_PATH) fd on it
+        self.hits = self.misses = self.evictions = 0
+        self.reopened_by_handle = self.reopened_by_path = self.stale = 0
+        self.handles_usable = False
+        if file_handles is not False:
+            self.handles_usable = self._probe_handles(fd)
+        self.budget.attach(self._fixed_fds, self._lru.__len__, self._evict_some)
+
+    def _probe_handles(self, root_fd: int) -> bool:
+        """Whether open_by_handle_at works here (root, a filesystem with handles);
+        keeps a plain fd on the root's mount for it when it does."""
+        try:
+            handle, mnt = syscalls.name_to_handle(root_fd)
+            mfd = os.open(syscalls.proc_self_fd(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            os.close(syscalls.open_by_handle(mfd, handle, _O_PATH_NOFOLLOW))
+        except OSError:
+            os.close(mfd)
+            return False
+        self._mount_fds[mnt] = mfd
+        return True
 
     # ------------------------------------------------------------------
     # async API used by op handlers
-    async def dup_fd(self, nodeid: int) -> tuple[int, int]:
-        """(dup of the inode's O_PATH fd, kind). The caller owns (and closes) the dup."""
-        return await self.ask(self._dup_fd, nodeid, orphan=_close_first)
+    async def dup_fd(self, nodeid: int, pin: bool = False) -> tuple[int, int]:
+        """(dup of the inode's O_PATH fd, kind). The caller owns (and closes) the dup.
+
+        pin=True: an open file or directory handle is being made on it; its fd
+        stays until unpin() (RELEASE, or the open failing).
+        """
+        return await self.ask(self._dup_fd, nodeid, pin, orphan=_close_first)
 
     async def dup_two(self, a: int, b: int) -> tuple[int, int]:
         """Dups of two inodes' O_PATH fds in one round trip (rename, link)."""
         return await self.ask(self._dup_two, a, b, orphan=_close_pair)
 
+    async def unpin(self, nodeid: int) -> None:
+        """A handle made with dup_fd(pin=True) is gone (or was never made)."""
+        await self.ask(self._unpin, nodeid)
+
+    async def make_room(self) -> int:
+        """Out of fds (EMFILE): evict unused cached fds; how many were closed."""
+        return await self.ask(self._make_room)
+
     async def info(self, nodeid: int) -> tuple[int, bytes, tuple[int, bytes] | None]:
         """(kind, host path, one (parent, name) or None) — no fd."""
         return await self.ask(self._info, nodeid)
 
-    async def register(self, parent: int, name: bytes, fd: int, st: os.stat_result) -> int:
-        """Adopt `fd` (an O_PATH fd on parent/name) and count one lookup; returns nodeid."""
-        return await self.ask(self._register, parent, name, fd, st)
+    async def register(
+        self, parent: int, name: bytes, fd: int, st: os.stat_result, pin: bool = False
+    ) -> int:
+        """Adopt `fd` (an O_PATH fd on parent/name) and count one lookup; returns nodeid.
+        pin=True: a handle is opened on it at once (CREATE)."""
+        return await self.ask(self._register, parent, name, fd, st, pin)
 
     async def register_many(self, parent: int, items: list) -> list[int]:
         """register() for a batch of (name, fd, stat) from one directory (READDIRPLUS)."""
@@ -155,19 +289,32 @@ class InodeTable(Actor):
             raise FsError(errno.ENOENT, f"unknown nodeid {nodeid}")
         return ino
 
-    def _dup_fd(self, nodeid: int) -> tuple[int, int]:
+    def _dup_fd(self, nodeid: int, pin: bool = False) -> tuple[int, int]:
         ino = self._get(nodeid)
-        return os.dup(ino.fd), ino.kind
+        fd = self._dup(ino)
+        if pin:
+            self._pin(ino)
+        return fd, ino.kind
 
     def _dup_two(self, a: int, b: int) -> tuple[int, int]:
         ia, ib = self._get(a), self._get(b)
-        fa = os.dup(ia.fd)
+        fa = self._dup(ia)
         try:
-            fb = os.dup(ib.fd)
-        except OSError:
+            fb = self._dup(ib)
+        except BaseException:
             os.close(fa)
             raise
         return fa, fb
+
+    def _dup(self, ino: Inode) -> int:
+        """A dup of the inode's fd (reopened if evicted), owned by the caller."""
+        fd = self._fd_of(ino)
+        try:
+            return os.dup(fd)
+        except OSError as e:
+            if e.errno not in _OUT_OF_FDS or not self._make_room({ino.nodeid}):
+                raise
+        return os.dup(ino.fd)
 
     def _info(self, nodeid: int):
         ino = self._get(nodeid)
@@ -179,12 +326,22 @@ class InodeTable(Actor):
         base = p.path if p is not None else b"?"
         return base.rstrip(b"/") + b"/" + name
 
-    def _register(self, parent: int, name: bytes, fd: int, st: os.stat_result) -> int:
+    def _register(self, parent: int, name: bytes, fd: int, st: os.stat_result, pin: bool = False) -> int:
         key = (st.st_dev, st.st_ino)
         nodeid = self._by_key.get(key)
-        if nodeid is not None:
-            os.close(fd)  # we already hold an fd on this object
-            ino = self._inodes[nodeid]
+        ino = self._inodes[nodeid] if nodeid is not None else None
+        if ino is not None and ino.fd < 0 and not self._adopt(ino, fd, st):
+            # The evicted inode's (st_dev, st_ino) now names another object:
+            # that one was deleted. Its nodeid goes stale; this one is new.
+            ino.stale = True
+            self.stale += 1
+            del self._by_key[key]
+            ino = None
+        if ino is not None:
+            if ino.fd != fd:
+                os.close(fd)  # we already hold an fd on this object
+            else:
+                self._touch(ino)
         else:
             if len(self._inodes) >= self.max_inodes:
                 os.close(fd)
@@ -195,10 +352,14 @@ class InodeTable(Actor):
             ino = Inode(nodeid, fd, key, kind_of_mode(st.st_mode), b"")
             self._inodes[nodeid] = ino
             self._by_key[key] = nodeid
+            self._lru[nodeid] = None
         ino.nlookup += 1
-        if parent in self._inodes and nodeid != FUSE_ROOT_ID:
-            self._bind(parent, name, nodeid)
-        return nodeid
+        if pin:
+            self._pin(ino)
+        if parent in self._inodes and ino.nodeid != FUSE_ROOT_ID:
+            self._bind(parent, name, ino.nodeid)
+        self._trim(ino)
+        return ino.nodeid
 
     def _register_many(self, parent: int, items: list) -> list[int]:
         out = []
@@ -257,7 +418,7 @@ class InodeTable(Actor):
         del self._inodes[ino.nodeid]
         if self._by_key.get(ino.key) == ino.nodeid:
             del self._by_key[ino.key]
-        os.close(ino.fd)
+        self._release_fd(ino)
 
     def _reset(self) -> list[int]:
         dropped = [n for n in self._inodes if n != FUSE_ROOT_ID]
@@ -306,17 +467,275 @@ class InodeTable(Actor):
             "next_nodeid": self._next_nodeid,
             "lookups": sum(i.nlookup for i in self._inodes.values()),
             "refused": self.refused,
+            **self.stats(),
+        }
+
+    def stats(self) -> dict:
+        """The fd cache's figures (plain attribute reads: safe from any task)."""
+        return {
+            "inodes_known": len(self._inodes),
+            "fds_held": self._fixed_fds() + len(self._lru),
+            "fds_cached": len(self._lru),
+            "fds_pinned": self._pinned_fds,
+            "cache_cap": self.budget.cache_cap(),
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "reopened_by_handle": self.reopened_by_handle,
+            "reopened_by_path": self.reopened_by_path,
+            "stale": self.stale,
+            "file_handles": self.handles_usable,
         }
 
     def close(self) -> None:
         for ino in list(self._inodes.values()):
+            if ino.fd >= 0:
+                try:
+                    os.close(ino.fd)
+                except OSError:
+                    pass
+        for mfd in self._mount_fds.values():
             try:
-                os.close(ino.fd)
+                os.close(mfd)
             except OSError:
                 pass
+        self._mount_fds.clear()
         self._inodes.clear()
         self._by_key.clear()
         self._kids.clear()
+        self._lru.clear()
+        self._pinned_fds = 0
+
+    # ------------------------------------------------------------------
+    # the fd cache
+    def _fixed_fds(self) -> int:
+        """fds never evicted: the root, pinned inodes' fds, the mount fds."""
+        return 1 + self._pinned_fds + len(self._mount_fds)
+
+    def _touch(self, ino: Inode) -> None:
+        if ino.nodeid in self._lru:
+            self._lru.move_to_end(ino.nodeid)
+
+    def _fd_of(self, ino: Inode) -> int:
+        """The inode's O_PATH fd, reopened (and verified) if it was evicted."""
+        if ino.fd >= 0:
+            self.hits += 1
+            if ino.nodeid in self._lru:
+                self._lru.move_to_end(ino.nodeid)
+            return ino.fd
+        self.misses += 1
+        if ino.stale:
+            raise FsError(errno.ESTALE, f"nodeid {ino.nodeid}: the object is gone")
+        fd = self._reopen_by_handle(ino)
+        if fd < 0:
+            self._reopen_by_name(ino)
+        else:
+            self._hold(ino, fd)
+        self._trim(ino)
+        return ino.fd
+
+    def _hold(self, ino: Inode, fd: int) -> None:
+        ino.fd = fd
+        if ino.pins:
+            self._pinned_fds += 1
+        elif ino.nodeid != FUSE_ROOT_ID:
+            self._lru[ino.nodeid] = None
+
+    def _release_fd(self, ino: Inode) -> None:
+        if ino.fd < 0:
+            return
+        if ino.nodeid in self._lru:
+            del self._lru[ino.nodeid]
+        elif ino.pins:
+            self._pinned_fds -= 1
+        os.close(ino.fd)
+        ino.fd = -1
+
+    def _pin(self, ino: Inode) -> None:
+        if ino.nodeid == FUSE_ROOT_ID:
+            return
+        if not ino.pins and ino.fd >= 0:
+            self._lru.pop(ino.nodeid, None)
+            self._pinned_fds += 1
+        ino.pins += 1
+
+    def _unpin(self, nodeid: int) -> None:
+        ino = self._inodes.get(nodeid)
+        if ino is None or ino.pins <= 0:
+            return
+        ino.pins -= 1
+        if not ino.pins and ino.fd >= 0:
+            self._pinned_fds -= 1
+            self._lru[nodeid] = None
+            self._trim(ino)
+
+    def _trim(self, keep: Inode | None = None) -> None:
+        """Evict least recently used fds beyond the cache's size (never `keep`'s)."""
+        lru = self._lru
+        if len(lru) <= 1:
+            return
+        cap = self.budget.cache_cap()
+        while len(lru) > cap:
+            nodeid = next(iter(lru))
+            if keep is not None and nodeid == keep.nodeid:
+                lru.move_to_end(nodeid)
+                if len(lru) == 1:
+                    return
+                continue
+            self._evict(self._inodes[nodeid])
+
+    def _make_room(self, keep: set[int] | frozenset = frozenset()) -> int:
+        """Out of fds: evict a quarter of the cache (at least 16), never `keep`."""
+        return self._evict_some(max(16, len(self._lru) // 4), keep)
+
+    def _evict_some(self, n: int, keep: set[int] | frozenset = frozenset()) -> int:
+        victims = []
+        for nodeid in self._lru:
+            if len(victims) >= n:
+                break
+            if nodeid not in keep:
+                victims.append(nodeid)
+        for nodeid in victims:
+            self._evict(self._inodes[nodeid])
+        return len(victims)
+
+    def _evict(self, ino: Inode) -> None:
+        del self._lru[ino.nodeid]
+        fd, ino.fd = ino.fd, -1
+        self.evictions += 1
+        if ino.ident is None:
+            ino.ident = self._identify(fd, ino.kind)
+        handle, mnt, _ = ino.ident
+        if handle is not None and self.handles_usable and mnt not in self._mount_fds and ino.kind == KIND_DIR:
+            # The first directory seen on another mount: a plain fd on it lets
+            # handles on that mount be opened (an O_PATH fd is refused there).
+            try:
+                self._mount_fds[mnt] = os.open(
+                    syscalls.proc_self_fd(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                )
+            except OSError:
+                pass
+        os.close(fd)
+
+    @staticmethod
+    def _identify(fd: int, kind: int) -> tuple:
+        """(handle | None, mount id, birth time | None) of the object behind fd."""
+        try:
+            handle, mnt = syscalls.name_to_handle(fd)
+        except OSError:
+            handle, mnt = None, -1
+        return handle, mnt, syscalls.birth_time(fd)
+
+    def _same(self, ino: Inode, fd: int, st: os.stat_result | None = None) -> bool:
+        """Whether fd is ino's very object: (st_dev, st_ino), kind, handle, birth time."""
+        if st is None:
+            st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ino.key or kind_of_mode(st.st_mode) != ino.kind:
+            return False
+        if ino.ident is None:
+            return True  # never evicted: the held fd pinned the number to this object
+        handle, _mnt, btime = ino.ident
+        now = self._identify(fd, ino.kind)
+        if handle is not None:
+            return now[0] == handle
+        return btime is None or now[2] == btime
+
+    def _adopt(self, ino: Inode, fd: int, st: os.stat_result) -> bool:
+        """A lookup found an evicted inode's (st_dev, st_ino): take its fd if it is
+        the same object (a free reopen); False if the number was reused."""
+        try:
+            same = self._same(ino, fd, st)
+        except OSError:
+            same = False
+        if same:
+            self._hold(ino, fd)
+        return same
+
+    def _reopen_by_handle(self, ino: Inode) -> int:
+        """A verified O_PATH fd from the inode's handle; -1 to try by name instead."""
+        if not self.handles_usable or ino.ident is None or ino.ident[0] is None:
+            return -1
+        handle, mnt, _ = ino.ident
+        mfd = self._mount_fds.get(mnt)
+        if mfd is None:
+            return -1
+        try:
+            fd = syscalls.open_by_handle(mfd, handle, _O_PATH_NOFOLLOW)
+        except OSError as e:
+            if e.errno in _OUT_OF_FDS and self._make_room():
+                return self._reopen_by_handle(ino)
+            if e.errno in (errno.ESTALE, errno.ENOENT):
+                self._gone(ino)  # the handle no longer resolves: deleted on the host
+            return -1
+        self._verified(ino, fd, gone=True)
+        self.reopened_by_handle += 1
+        return fd
+
+    def _verified(self, ino: Inode, fd: int, gone: bool) -> None:
+        """ESTALE (fd closed) unless fd is ino's object. gone=True: the object is
+        known to be dead (its handle led elsewhere); else only this name moved
+        on, and a later lookup that finds the object takes it up again."""
+        try:
+            same = self._same(ino, fd)
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            if gone:
+                self._gone(ino)
+            raise FsError(errno.ESTALE, f"nodeid {ino.nodeid}: the name leads to another object")
+
+    def _gone(self, ino: Inode) -> None:
+        ino.stale = True
+        self.stale += 1
+        if self._by_key.get(ino.key) == ino.nodeid:
+            del self._by_key[ino.key]
+        raise FsError(errno.ESTALE, f"nodeid {ino.nodeid}: the object is gone or was replaced")
+
+    def _reopen_by_name(self, ino: Inode) -> None:
+        """Walk down from the nearest ancestor holding an fd, verifying and caching
+        each inode on the way; ESTALE when a name no longer leads to its object."""
+        chain: list[tuple[Inode, bytes]] = []
+        seen: set[int] = set()
+        cur = ino
+        while cur.fd < 0:
+            seen.add(cur.nodeid)
+            up = None
+            for parent, name in cur.names:
+                p = self._inodes.get(parent)
+                if p is not None and parent not in seen and not p.stale:
+                    up = (p, name)
+                    if p.fd >= 0:
+                        break
+            if up is None:
+                raise FsError(errno.ESTALE, f"nodeid {ino.nodeid}: no known name leads to it")
+            chain.append((cur, up[1]))
+            cur = up[0]
+        if cur.nodeid in self._lru:
+            self._lru.move_to_end(cur.nodeid)
+        pfd = cur.fd
+        for node, name in reversed(chain):
+            fd = self._open_one(pfd, name, node)
+            self._verified(node, fd, gone=False)
+            self._hold(node, fd)
+            self.reopened_by_path += 1
+            pfd = fd
+
+    def _open_one(self, pfd: int, name: bytes, node: Inode) -> int:
+        """One name beneath pfd, never through a symlink (EMFILE is raised as
+        it is: the dispatcher makes room and retries; evicting here could close
+        the fds of the walk itself)."""
+        try:
+            fd = syscalls.openat2(pfd, name, _O_PATH_NOFOLLOW, _RESOLVE_ONE)
+            if self.follow and node.kind != KIND_SYMLINK and stat.S_ISLNK(os.fstat(fd).st_mode):
+                # --symlinks follow served the link's target under this name.
+                os.close(fd)
+                fd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd)
+            return fd
+        except OSError as e:
+            if e.errno in _OUT_OF_FDS:
+                raise
+            raise FsError(errno.ESTALE, f"nodeid {node.nodeid}: {name!r} is gone") from None
 
     # ------------------------------------------------------------------
     # snapshot / restore in the reference's "PFSS" v1 format:
@@ -397,19 +816,21 @@ class InodeTable(Actor):
             old = self._inodes.pop(nodeid, None)
             if old is not None:
                 self._by_key.pop(old.key, None)
-                os.close(old.fd)
+                self._release_fd(old)
             if key in self._by_key:  # two nodeids for one object: keep the first
                 os.close(fd)
                 continue
             # A restored inode is one the client already knows: one lookup.
             self._inodes[nodeid] = Inode(nodeid, fd, key, kind_of_mode(st.st_mode), path, 1)
             self._by_key[key] = nodeid
+            self._lru[nodeid] = None
         for parent, name, child in children:
             if parent in self._inodes and child in self._inodes:
                 kids = self._kids.setdefault(parent, {})
                 kids[name] = child
                 self._inodes[child].names.add((parent, name))
         self._next_nodeid = max(self._next_nodeid, next_nodeid)
+        self._trim()
 
 
 def _close_first(result: tuple[int, int]) -> None:

@@ -43,6 +43,8 @@ from runtime.stats import Stats
 
 log = logging.getLogger("actorfs.dispatcher")
 
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
 Send = Callable[[list], Awaitable[None] | None]
 
 MAX_WRITE = 1 << 20  # 1 MiB
@@ -78,6 +80,25 @@ BASE_INIT_FLAGS = (
 # kernel-visible state (an entry with a lookup count, an open fh) or change the
 # namespace run to the end and reply what happened, as FUSE allows: a client
 # told EINTR for a write that landed would write it twice (O_APPEND).
+# Ops run again once when a syscall ran out of fds (EMFILE/ENFILE) and the
+# inode table could evict unused cached O_PATH fds: each fails before any
+# change a client could see (an entry, a handle, a namespace change), so a
+# second run is the first that counts (actors/inode_table.py, the fd budget).
+RETRY_AFTER_EVICTION = frozenset(
+    {
+        P.FUSE_LOOKUP,
+        P.FUSE_GETATTR,
+        P.FUSE_READLINK,
+        P.FUSE_OPEN,
+        P.FUSE_OPENDIR,
+        P.FUSE_READDIR,
+        P.FUSE_STATFS,
+        P.FUSE_ACCESS,
+        P.FUSE_GETXATTR,
+        P.FUSE_LISTXATTR,
+    }
+)
+
 INTERRUPTIBLE = frozenset(
     {
         P.FUSE_GETATTR,
@@ -365,7 +386,12 @@ class Dispatcher:
         try:
             if flight.interrupted:  # interrupted before it ever ran
                 raise asyncio.CancelledError
-            iov = await handler(req)
+            try:
+                iov = await handler(req)
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_FDS or not await self._made_room(req.opcode):
+                    raise
+                iov = await handler(req)
             failed = False
         except asyncio.CancelledError:
             if not flight.interrupted:
@@ -387,6 +413,12 @@ class Dispatcher:
         self._stats.record(req.opcode, perf_counter_ns() - t0, failed)
         if iov is not None:
             await self._send(send, iov)
+
+    async def _made_room(self, opcode: int) -> bool:
+        inodes = getattr(self.fs, "inodes", None)
+        if opcode not in RETRY_AFTER_EVICTION or not hasattr(inodes, "make_room"):
+            return False
+        return await inodes.make_room() > 0
 
     def _finished(self, unique: int, flight: _Flight) -> None:
         if self._tasks.get(unique) is flight:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from actors.handles import HandleTable
-from actors.inode_table import InodeTable
+from actors.inode_table import FdBudget, InodeTable
 from runtime.backing_fs import INLINE_MODES, beneath, fstat_never_blocks, inline_syscalls
 from runtime.blocking_pool import BlockingPool
 from runtime.supervisor import Supervisor
@@ -38,8 +38,14 @@ class FsConfig:
     passthrough: bool = False
     read_only: bool = False
     devices: bool = True  # mknod of character/block devices (but c 0 0, a whiteout)
-    max_inodes: int = 1 << 20  # cap on live O_PATH fds (EMFILE beyond)
+    max_inodes: int = 1 << 20  # cap on inodes the client may know (EMFILE beyond)
     max_handles: int = 1 << 18  # cap on open file/dir handles (EMFILE beyond)
+    # O_PATH fds kept in the inode table's LRU cache (--fd-cache); None: derived
+    # from RLIMIT_NOFILE, with headroom for open handles (actors/inode_table.py).
+    fd_cache: int | None = None
+    # Reopen evicted inodes by file handle when the server may (root): None
+    # (auto) or False (always by name; tests and bench/fd_cache.py).
+    file_handles: bool | None = None
     pool_workers: int | None = None
     # DAX window (virtio-fs): a POSIX shm object of dax_size bytes named dax_name.
     # dax_mapper "inprocess" maps with MAP_FIXED in this process (an embedding VMM);
@@ -68,6 +74,8 @@ class FsConfig:
             raise ConfigError(f"unknown cache mode {self.cache!r}: use one of {', '.join(CACHE_MODES)}")
         if self.watch is None:
             self.watch = self.cache == "always"
+        if self.fd_cache is not None and self.fd_cache < 1:
+            raise ConfigError(f"fd cache of {self.fd_cache} fds: use 1 or more")
         if self.inline not in INLINE_MODES:
             raise ConfigError(f"unknown inline mode {self.inline!r}: use one of {', '.join(INLINE_MODES)}")
 
@@ -113,8 +121,12 @@ class Filesystem:
         self.inline_fstat = self.inline or (
             config.inline == "auto" and fstat_never_blocks(config.root)
         )
-        self.inodes = InodeTable(config.root, max_inodes=config.max_inodes)
-        self.handles = HandleTable(max_handles=config.max_handles)
+        self.fd_budget = FdBudget(config.fd_cache)
+        self.inodes = InodeTable(
+            config.root, max_inodes=config.max_inodes, budget=self.fd_budget,
+            file_handles=config.file_handles, follow=config.symlinks == "follow",
+        )  # fmt: skip
+        self.handles = HandleTable(max_handles=config.max_handles, budget=self.fd_budget)
         self.dax = None  # actors.dax.DaxWindow when a DAX window is configured
         self.watcher = None  # actors.watcher.Watcher when host changes are watched
         # FUSE passthrough: set by the /dev/fuse transport once INIT negotiated it;

@@ -1,12 +1,14 @@
-"""Process limits for a server that holds one fd per live inode and per open handle.
+"""Process limits: RLIMIT_NOFILE, and glibc's buffer thresholds.
 
 `raise_nofile_limit()` lifts RLIMIT_NOFILE's soft limit to the hard limit at
 start (the usual soft limit, 1024, is far below what a busy client needs).
-`fd_caps()` splits what is allowed between the inode table (O_PATH fds) and
-the handle table, leaving a reserve for transient dups (each request in flight
-holds up to two), the transport, the watcher and the pool, so that a client
-that looks up everything gets EMFILE from the caps while the server itself can
-still open what it needs to answer, instead of failing everywhere at once.
+Inodes no longer hold an fd each: the inode table keeps O_PATH fds in a
+bounded cache that shares one budget with open handles (actors/inode_table.py,
+FdBudget, which re-reads the limit as it goes). `fd_caps()` is the static
+split of that budget (with the same reserve for transient dups, two per
+request in flight, the transport and the pool); `apply_fd_caps()` caps
+open handles by it, so a client that opens everything gets EMFILE from the
+cap while the server itself can still open what it needs to answer.
 """
 
 from __future__ import annotations
@@ -78,8 +80,7 @@ def fd_caps(
 
 
 def apply_fd_caps(config, max_in_flight: int = 256) -> None:
-    """Lower config.max_inodes / max_handles to what RLIMIT_NOFILE allows (never raise them)."""
-    per_inode = 2 if getattr(config, "watch", False) else 1
-    inodes, handles = fd_caps(None, max_in_flight, per_inode)
-    config.max_inodes = min(config.max_inodes, inodes)
-    config.max_handles = min(config.max_handles, handles)
+    """Lower config.max_handles to the fd budget RLIMIT_NOFILE allows now (never
+    raise it). Inodes are not capped by fds any more: evicted ones are reopened."""
+    inodes, handles = fd_caps(None, max_in_flight, 1)
+    config.max_handles = min(config.max_handles, inodes + handles - 8)

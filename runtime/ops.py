@@ -622,22 +622,27 @@ async def open(
     oflags = _open_flags(fs, flags)
     c = _caller(fs, ctx)
     kill_gid = _kill_gid(c, ctx.gid) if open_flags & OPEN_KILL_SUIDGID and oflags & os.O_TRUNC else -1
-    ifd, kind = await fs.inodes.dup_fd(nodeid)
-    if kind == KIND_DIR:
-        os.close(ifd)
-        raise FsError(errno.EISDIR)
-    if kind == KIND_SYMLINK:
-        os.close(ifd)
-        raise FsError(errno.ELOOP)
-    wfd = os.dup(ifd) if fs.watcher is not None else -1
+    # pin: an inode with an open handle keeps its O_PATH fd (actors/inode_table.py).
+    ifd, kind = await fs.inodes.dup_fd(nodeid, pin=True)
     try:
-        fd = await _pool(fs, (ifd,), _reopen, ifd, oflags, kill_gid, creds=c)
+        if kind == KIND_DIR:
+            os.close(ifd)
+            raise FsError(errno.EISDIR)
+        if kind == KIND_SYMLINK:
+            os.close(ifd)
+            raise FsError(errno.ELOOP)
+        wfd = os.dup(ifd) if fs.watcher is not None else -1
+        try:
+            fd = await _pool(fs, (ifd,), _reopen, ifd, oflags, kill_gid, creds=c)
+        except BaseException:
+            if wfd >= 0:
+                os.close(wfd)
+            raise
+        _watch(fs, nodeid, wfd, False)
+        return await _opened(fs, fd, nodeid, oflags)
     except BaseException:
-        if wfd >= 0:
-            os.close(wfd)
+        await fs.inodes.unpin(nodeid)
         raise
-    _watch(fs, nodeid, wfd, False)
-    return await _opened(fs, fd, nodeid, oflags)
 
 
 def _open_existing(pfd: int, name: bytes, flags: int, kill_gid: int = -1) -> int:
@@ -693,7 +698,7 @@ async def create(
     )
     wfd = os.dup(ifd) if fs.watcher is not None else -1
     try:
-        nodeid = await fs.inodes.register(parent, name, ifd, st)
+        nodeid = await fs.inodes.register(parent, name, ifd, st, pin=True)
     except BaseException:
         os.close(fd)
         if wfd >= 0:
@@ -704,6 +709,7 @@ async def create(
         opened = await _opened(fs, fd, nodeid, oflags)
     except BaseException:
         # The client never sees this entry: give its lookup back (EMFILE at the handle cap).
+        await fs.inodes.unpin(nodeid)
         await forget(fs, nodeid, 1)
         raise
     return _entry(fs, nodeid, st), opened
@@ -730,6 +736,7 @@ async def statfs(fs: Filesystem, ctx: RequestContext, nodeid: int) -> StatFs:
 
 async def release(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, flags: int = 0) -> None:
     h = await fs.handles.remove(fh, want_dir=False)
+    await fs.inodes.unpin(h.nodeid)
     if h.backing_id and fs.backing is not None:
         try:
             fs.backing.close(h.backing_id)
@@ -754,12 +761,16 @@ async def fsync(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, datas
 
 
 async def opendir(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int = 0) -> Opened:
-    ifd, kind = await fs.inodes.dup_fd(nodeid)
-    if kind != KIND_DIR:
-        os.close(ifd)
-        raise FsError(errno.ENOTDIR)
-    fd = await _pool(fs, (ifd,), os.open, proc_fd(ifd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fh = await fs.handles.add(fd, nodeid, True)
+    ifd, kind = await fs.inodes.dup_fd(nodeid, pin=True)
+    try:
+        if kind != KIND_DIR:
+            os.close(ifd)
+            raise FsError(errno.ENOTDIR)
+        fd = await _pool(fs, (ifd,), os.open, proc_fd(ifd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fh = await fs.handles.add(fd, nodeid, True)
+    except BaseException:
+        await fs.inodes.unpin(nodeid)
+        raise
     flags_out = FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE if fs.config.cache == "always" else 0
     return Opened(fh, flags_out)
 
@@ -820,6 +831,7 @@ async def readdirplus(
 
 async def releasedir(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int) -> None:
     h = await fs.handles.remove(fh, want_dir=True)
+    await fs.inodes.unpin(h.nodeid)
     await _pool(fs, (h.fd,), _noop)
 
 
