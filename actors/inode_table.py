@@ -183,13 +183,14 @@ class InodeTable(Actor):
         self.hits = self.misses = self.evictions = 0
         self.reopened_by_handle = self.reopened_by_path = self.stale = 0
         self.handles_usable = False
+        self._root_mnt = -1
         if file_handles is not False:
             self.handles_usable = self._probe_handles(fd)
         self.budget.attach(self._fixed_fds, self._lru.__len__, self._evict_some)
 
     def _probe_handles(self, root_fd: int) -> bool:
-        """Whether open_by_handle_at works here (root, a filesystem with handles);
-        keeps a plain fd on the root's mount for it when it does."""
+        """Whether open_by_handle_at works here (root, a filesystem with handles).
+        The plain fd it needs on each mount is opened at the first eviction."""
         try:
             handle, mnt = syscalls.name_to_handle(root_fd)
             mfd = os.open(syscalls.proc_self_fd(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -198,9 +199,10 @@ class InodeTable(Actor):
         try:
             os.close(syscalls.open_by_handle(mfd, handle, _O_PATH_NOFOLLOW))
         except OSError:
-            os.close(mfd)
             return False
-        self._mount_fds[mnt] = mfd
+        finally:
+            os.close(mfd)
+        self._root_mnt = mnt
         return True
 
     # ------------------------------------------------------------------
@@ -606,15 +608,17 @@ class InodeTable(Actor):
         if ino.ident is None:
             ino.ident = self._identify(fd, ino.kind)
         handle, mnt, _ = ino.ident
-        if handle is not None and self.handles_usable and mnt not in self._mount_fds and ino.kind == KIND_DIR:
-            # The first directory seen on another mount: a plain fd on it lets
-            # handles on that mount be opened (an O_PATH fd is refused there).
-            try:
-                self._mount_fds[mnt] = os.open(
-                    syscalls.proc_self_fd(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-                )
-            except OSError:
-                pass
+        if handle is not None and self.handles_usable and mnt not in self._mount_fds:
+            # A plain fd on the mount (the root, or the first directory seen on
+            # another mount) lets its handles be opened: an O_PATH fd is refused.
+            src = self.root_fd if mnt == self._root_mnt else fd if ino.kind == KIND_DIR else -1
+            if src >= 0:
+                try:
+                    self._mount_fds[mnt] = os.open(
+                        syscalls.proc_self_fd(src), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                    )
+                except OSError:
+                    pass
         os.close(fd)
 
     @staticmethod

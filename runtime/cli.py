@@ -82,6 +82,7 @@ def _whole_number(lo: int, hi: int, unit: str = "", lo_text: str = ""):
 _queues = _whole_number(1, 64)
 _poll_us = _whole_number(0, 100_000, "microseconds")
 _read_ahead = _whole_number(0, 1 << 20, "KiB", " (the kernel's)")
+_fd_cache = _whole_number(1, 1 << 24, "fds")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -121,6 +122,10 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
                    help="run syscalls on the event loop instead of the thread pool: "
                         "auto (all of them when SRC is on tmpfs or ramfs, which never wait "
                         "for a disk; only fstat on ext4, xfs, btrfs, f2fs), always, never")  # fmt: skip
+    p.add_argument("--fd-cache", type=_fd_cache, metavar="N", default=None,
+                   help="O_PATH fds kept open for inodes the client knows (least recently "
+                        "used evicted, reopened on use); default: from RLIMIT_NOFILE, "
+                        "leaving room for open files and directories")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="log what the server does to stderr")
     p.add_argument("--stats-interval", type=_positive_float, metavar="N",
                    help="print request statistics to stderr every N seconds")  # fmt: skip
@@ -214,6 +219,7 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         devices=getattr(args, "devices", True),
         watch=getattr(args, "watch", None),
         inline=getattr(args, "inline", "auto"),
+        fd_cache=getattr(args, "fd_cache", None),
     )
     apply_fd_caps(config)  # EMFILE from the caps before the process runs out of fds
     return config
@@ -265,6 +271,14 @@ def format_stats(stats: dict) -> str:
         lines.append(
             f"  {name:<16} {o['count']:>9} req {o['errors']:>7} err  "
             f"p50 {o['p50_us']:>7}us  p99 {o['p99_us']:>8}us"
+        )
+    i = stats.get("inodes")
+    if i:
+        lines.append(
+            f"  inodes: {i['inodes_known']} known, {i['fds_held']} fds held "
+            f"(cache {i['fds_cached']}/{i['cache_cap']}, {i['fds_pinned']} with open handles), "
+            f"{i['hits']} hits, {i['misses']} misses, {i['evictions']} evictions, reopened "
+            f"{i['reopened_by_handle']} by handle / {i['reopened_by_path']} by path, {i['stale']} stale"
         )
     t = stats.get("transport")
     if t:

@@ -155,6 +155,7 @@ class MountedServer:
             out["requests"] = self.dispatcher.stats()
         if self.fs is not None:
             out["pool"] = {"workers": self.fs.pool.workers, "submitted": self.fs.pool.submitted}
+            out["inodes"] = self.fs.inodes.stats()
             if self.fs.watcher is not None and hasattr(self.fs.watcher, "stats"):
                 with contextlib.suppress(Exception):
                     out["watcher"] = self.fs.watcher.stats()

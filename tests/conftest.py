@@ -40,3 +40,20 @@ def dirs(tmp_path):
     src, mnt = make_dirs(tmp_path)
     yield src, mnt
     force_unmount(mnt)
+
+
+@pytest.fixture(params=["held", "evict-handle", "evict-name"])
+def fd_cache_mode(request):
+    """Run an op-level test with every inode's fd held (a large cache), and with
+    eviction forced (a cache of one fd) reopening by file handle (root) or by name."""
+    import helpers_fs
+
+    if request.param == "evict-handle" and os.geteuid() != 0:
+        pytest.skip("reopening by file handle needs root")
+    helpers_fs.DEFAULTS.clear()
+    if request.param != "held":
+        helpers_fs.DEFAULTS["fd_cache"] = 1
+    if request.param == "evict-name":
+        helpers_fs.DEFAULTS["file_handles"] = False
+    yield request.param
+    helpers_fs.DEFAULTS.clear()

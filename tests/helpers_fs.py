@@ -16,11 +16,16 @@ ROOT = 1
 # Where op syscalls run in `running()`: "never" (the blocking pool) or
 # "always" (inline on the loop); the `syscall_mode` fixture sets it.
 INLINE = {"mode": "never"}
+# Extra FsConfig defaults for `running()`; the `fd_cache_mode` fixture forces
+# eviction with them (fd_cache=1, and file_handles=False for reopening by name).
+DEFAULTS: dict = {}
 
 
 @contextlib.asynccontextmanager
 async def running(root, **kw):
     kw.setdefault("inline", INLINE["mode"])
+    for k, v in DEFAULTS.items():
+        kw.setdefault(k, v)
     async with Filesystem.running(FsConfig(root=str(root), **kw)) as fs:
         yield fs
 

@@ -13,8 +13,9 @@ import stat
 import pytest
 from helpers_fs import CTX, ROOT, errno_of, ops, running
 
-# Each test runs with syscalls in the pool and inline (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("syscall_mode")
+# Each test runs with syscalls in the pool and inline, and with every inode's
+# fd held or eviction forced (a one-fd cache; tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("syscall_mode", "fd_cache_mode")
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ async def test_client_renames_symlink_over_held_directory(tree):
     assert (root / "d-old" / "secret").read_text() == "mine"
 
 
-async def test_host_swaps_directory_for_symlink_while_nodeid_held(tree):
+async def test_host_swaps_directory_for_symlink_while_nodeid_held(tree, fd_cache_mode):
     root, canary = tree
     (root / "d").mkdir()
     (root / "d" / "inside").write_text("inside")
@@ -65,6 +66,12 @@ async def test_host_swaps_directory_for_symlink_while_nodeid_held(tree):
         # lookups under the held nodeid see the original directory, not the canary
         assert await errno_of(ops.lookup(fs, CTX, d.nodeid, b"secret")) == errno.ENOENT
         assert (await ops.lookup(fs, CTX, d.nodeid, b"inside")).attr.size == 6
+        if fd_cache_mode == "evict-name":
+            # d's fd was evicted and its name now leads to the symlink: ESTALE,
+            # never the canary; found under its new name it is the same nodeid.
+            assert await errno_of(ops.opendir(fs, CTX, d.nodeid)) == errno.ESTALE
+            assert await errno_of(ops.lookup(fs, CTX, d.nodeid, b"secret")) == errno.ESTALE
+            assert (await ops.lookup(fs, CTX, ROOT, b"d-moved")).nodeid == d.nodeid
         od = await ops.opendir(fs, CTX, d.nodeid)
         names = {x.name for x in await ops.readdir(fs, CTX, d.nodeid, od.fh, 0, 1 << 16)}
         assert b"secret" not in names and b"inside" in names
