@@ -676,7 +676,7 @@ COMMANDS = {"mount": cmd_mount, "serve": cmd_serve, "stats": cmd_stats,
 
 def prepare_process() -> None:
     """What a server process sets up for itself before it serves."""
-    raise_nofile_limit()  # one fd per live inode and open file: take what is allowed
+    raise_nofile_limit()  # room for the fd cache and open files: take what is allowed
     keep_large_buffers()  # 1 MiB READ/WRITE buffers reused, not page-faulted each time
 
 
