@@ -76,6 +76,29 @@ def test_linux_guest_workload_over_virtiofs(tmp_path):
         assert (root / "par" / f"w{w}_39").read_text() == f"writer {w} file 39\n"
 
 
+def test_guest_walks_a_tree_with_the_backend_held_to_1024_fds(tmp_path):
+    """5,000 files, a backend whose RLIMIT_NOFILE is 1,024 (issue 15): the guest's
+    find and ls -lR see every file, again after it drops its caches."""
+    img = _guest_image()
+    root = tmp_path / "shared"
+    run_mod.prepare_root(root)
+    for d in range(5):
+        (root / "tree" / f"d{d}").mkdir(parents=True)
+        for i in range(1000):
+            (root / "tree" / f"d{d}" / f"f{i}").touch()
+    (root / "tree.count").write_text("5000\n")
+    held = ["prlimit", "--nofile=1024:1024",
+            *run_mod.backend_command("actorfs", tmp_path / "actorfs.sock", root)]  # fmt: skip
+    run = run_mod.run_guest(img, "actorfs", tmp_path, root, command=held)
+    context = run.context()
+    lines = run.report()
+    failures = [line for line in lines if line.startswith("FAIL")]
+    assert lines and not failures, "\n".join(failures) + context
+    for check in ("tree_find", "tree_ls_lR", "tree_find_after_drop", "tree_ls_lR_after_drop"):
+        assert f"OK {check}" in lines, context
+    assert run.backend_status == 0, context
+
+
 def test_guest_reboot_without_unmount_gets_a_fresh_session(tmp_path):
     """The guest reboots while mounted: no DESTROY, the device is reset, INIT comes again."""
     img = _guest_image()
