@@ -21,6 +21,10 @@ from runtime.errno_map import linux_errno_of
 pytestmark = pytest.mark.usefixtures("syscall_mode")
 
 NAMES = ["a", "b", "c"]
+# mknod kinds: (file type, rdev); device nodes need CAP_MKNOD
+NODES = [(stat.S_IFIFO, 0), (stat.S_IFSOCK, 0)]
+if os.geteuid() == 0:
+    NODES += [(stat.S_IFCHR, 0), (stat.S_IFCHR, os.makedev(1, 3)), (stat.S_IFBLK, os.makedev(7, 200))]
 paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=2).map(tuple)
 data = st.binary(min_size=1, max_size=64)
 op = st.one_of(
@@ -31,8 +35,10 @@ op = st.one_of(
     st.tuples(st.just("rename"), paths, paths),
     st.tuples(st.just("read"), paths),
     st.tuples(st.just("stat"), paths),
-    # Targets stay inside the root: escaping ones are refused by policy (test_safety).
-    st.tuples(st.just("symlink"), paths, st.sampled_from(NAMES + ["a/b"])),
+    # Any target: inside, absolute, leaving the root, dangling (opaque serves them all).
+    st.tuples(st.just("symlink"), paths, st.sampled_from(NAMES + ["a/b", "/usr/bin/python3", "../../x", "nowhere"])),
+    st.tuples(st.just("readlink"), paths),
+    st.tuples(st.just("mknod"), paths, st.sampled_from(NODES)),
     st.tuples(st.just("link"), paths, paths),
     st.tuples(st.just("list"), paths),
     st.tuples(st.just("append"), paths, data),
@@ -84,6 +90,10 @@ class Native:
                 return os.rmdir(name, dir_fd=pfd)
             if kind == "symlink":
                 return os.symlink(o[2], name, dir_fd=pfd)
+            if kind == "readlink":
+                return os.fsencode(os.readlink(name, dir_fd=pfd))
+            if kind == "mknod":
+                return os.mknod(name, o[2][0] | 0o644, o[2][1], dir_fd=pfd)
             if kind in ("rename", "link"):
                 if kind == "link":  # the client looks the source up first
                     st_ = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -105,7 +115,8 @@ class Native:
                     os.close(fd)
             if kind == "stat":
                 st_ = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                return (stat.S_IFMT(st_.st_mode), st_.st_size if not stat.S_ISDIR(st_.st_mode) else 0, st_.st_nlink if not stat.S_ISDIR(st_.st_mode) else 0)
+                isdir = stat.S_ISDIR(st_.st_mode)
+                return (stat.S_IFMT(st_.st_mode), 0 if isdir else st_.st_size, 0 if isdir else st_.st_nlink, st_.st_rdev)
             if kind == "list":
                 st_ = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 if not stat.S_ISDIR(st_.st_mode):
@@ -126,6 +137,8 @@ class Native:
             raise OSError(errno.EISDIR, "dir")
         if stat.S_ISLNK(st_.st_mode):
             raise OSError(errno.ELOOP, "link")
+        if not stat.S_ISREG(st_.st_mode):
+            raise OSError(errno.ENXIO, "special file")  # the server never opens one
 
 
 class Served:
@@ -171,6 +184,9 @@ class Served:
         if kind == "symlink":
             self.count((await ops.symlink(fs, CTX, p, name, os.fsencode(o[2]))).nodeid)
             return None
+        if kind == "mknod":
+            self.count((await ops.mknod(fs, CTX, p, name, o[2][0] | 0o644, o[2][1], 0)).nodeid)
+            return None
         if kind == "rename":
             q = await self.parent(o[2])
             return await ops.rename(fs, CTX, p, name, q, os.fsencode(o[2][-1]))
@@ -197,7 +213,9 @@ class Served:
         if kind == "stat":
             a = await ops.getattr(fs, CTX, e.nodeid)
             isdir = stat.S_ISDIR(a.mode)
-            return (stat.S_IFMT(a.mode), 0 if isdir else a.size, 0 if isdir else a.nlink)
+            return (stat.S_IFMT(a.mode), 0 if isdir else a.size, 0 if isdir else a.nlink, a.rdev)
+        if kind == "readlink":
+            return await ops.readlink(fs, CTX, e.nodeid)
         if kind == "list":
             if not stat.S_ISDIR(e.attr.mode):
                 raise OSError(errno.ENOTDIR, "not a dir")
