@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 
 import pytest
 
@@ -65,6 +66,12 @@ def test_linux_guest_workload_over_virtiofs(tmp_path):
     assert (root / "mv_dst").read_text() == "moving\n"
     assert (root / "dir" / "renamed_sub").is_dir() and not (root / "dir" / "sub").exists()
     assert not (root / "doomed").exists()
+    assert os.readlink(root / "venv" / "bin" / "python") == "/usr/bin/python3"
+    assert os.readlink(root / "venv" / "moved_link") == "/etc/passwd"
+    assert stat.S_ISFIFO(os.lstat(root / "special" / "fifo").st_mode)
+    wh = os.lstat(root / "special" / "wh")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert not (root / "doomed_tree").exists()
     st = os.stat(root / "attrs")
     assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 1234, 2345)
     assert int(st.st_mtime) == 981173106

@@ -53,6 +53,29 @@ ln $M/created.txt $M/hard
 t hardlink_nlink eq "$(stat -c %h $M/created.txt)" 2
 t hardlink_same_inode eq "$(stat -c %i $M/hard)" "$(stat -c %i $M/created.txt)"
 
+# links served as links whatever the target (a venv's bin/python), fifos,
+# the overlayfs whiteout (c 0 0), and rm -rf of all of it
+mkdir -p $M/venv/bin $M/special
+ln -s /usr/bin/python3 $M/venv/bin/python
+ln -s python $M/venv/bin/python3
+ln -s ../../nowhere/at/all $M/venv/bin/dangling
+t abs_link_readlink eq "$(readlink $M/venv/bin/python)" "/usr/bin/python3"
+t abs_link_lstat eq "$(stat -c %F $M/venv/bin/python)" "symbolic link"
+t abs_link_listed eq "$(ls $M/venv/bin | wc -l)" 3
+mkfifo $M/special/fifo
+t mkfifo eq "$(stat -c %F $M/special/fifo)" "fifo"
+mknod $M/special/wh c 0 0
+t mknod_whiteout eq "$(stat -c %F:%t:%T $M/special/wh)" "character special file:0:0"
+ln -s /etc/passwd $M/special/abs
+ln $M/special/abs $M/special/abs_hard
+t link_of_abs_link eq "$(stat -c %h $M/special/abs)" 2
+mv $M/special/abs_hard $M/venv/moved_link
+t rename_abs_link eq "$(readlink $M/venv/moved_link)" "/etc/passwd"
+mkdir -p $M/doomed_tree
+cp -a $M/venv $M/special $M/doomed_tree/
+rm -rf $M/doomed_tree
+t rm_rf_links_and_specials test ! -e $M/doomed_tree
+
 # chmod, chown, utime
 echo "attrs" > $M/attrs
 chmod 640 $M/attrs
