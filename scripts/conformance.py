@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -119,6 +120,8 @@ class Mount:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             if "serving" in line:
+                # keep draining: a full pipe would stall the server
+                threading.Thread(target=self.proc.stderr.read, daemon=True).start()
                 return self
         raise RuntimeError("the mount did not come up")
 
