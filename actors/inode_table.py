@@ -280,8 +280,9 @@ class InodeTable(Actor):
         """Parse and validate a blob (errors raise SnapshotError); no state change."""
         return self._parse_snapshot(blob)
 
-    async def install_restored(self, next_nodeid: int, inodes: list, children: list) -> None:
-        await self.ask(self._install_restored, next_nodeid, inodes, children)
+    async def install_restored(self, next_nodeid: int, inodes: list, children: list) -> int:
+        """Install reopened inodes; returns how many were dropped as duplicates."""
+        return await self.ask(self._install_restored, next_nodeid, inodes, children)
 
     # ------------------------------------------------------------------
     # handlers (run in the actor's task; never block)
@@ -811,9 +812,17 @@ class InodeTable(Actor):
             raise SnapshotError(f"snapshot has {len(view) - pos} trailing bytes")
         return next_nodeid, inodes, children
 
-    def _install_restored(self, next_nodeid: int, inodes: list, children: list) -> None:
-        """inodes: [(nodeid, kind, path, fd, stat)] already reopened beneath the root."""
-        for nodeid, _kind, path, fd, st in inodes:
+    def _install_restored(self, next_nodeid: int, inodes: list, children: list) -> int:
+        """inodes: [(nodeid, kind, path, fd, stat)] already reopened beneath the root.
+
+        Several nodeids can reach one object now: a held file was unlinked and
+        its name reused, so the stale nodeid's path names the new object. The
+        nodeid a name binds keeps it (bound ones go first), the others are
+        dropped; returns how many.
+        """
+        bound = {child for _parent, _name, child in children}
+        duplicates = 0
+        for nodeid, _kind, path, fd, st in sorted(inodes, key=lambda i: i[0] not in bound):
             if nodeid == FUSE_ROOT_ID:
                 continue
             key = (st.st_dev, st.st_ino)
@@ -823,6 +832,7 @@ class InodeTable(Actor):
                 self._release_fd(old)
             if key in self._by_key:  # two nodeids for one object: keep the first
                 os.close(fd)
+                duplicates += 1
                 continue
             # A restored inode is one the client already knows: one lookup.
             self._inodes[nodeid] = Inode(nodeid, fd, key, kind_of_mode(st.st_mode), path, 1)
@@ -835,6 +845,7 @@ class InodeTable(Actor):
                 self._inodes[child].names.add((parent, name))
         self._next_nodeid = max(self._next_nodeid, next_nodeid)
         self._trim()
+        return duplicates
 
 
 def _close_first(result: tuple[int, int]) -> None:

@@ -75,5 +75,5 @@ async def restore(fs: Filesystem, blob: bytes) -> int:
     reopened, dropped = await fs.pool.run_owning(
         (root_fd,), _reopen_all, root_fd, fs.inodes.root, inodes
     )
-    await fs.inodes.install_restored(next_nodeid, reopened, children)
-    return dropped
+    # Nodeids that now reach an object another (name-bound) nodeid has are dropped too.
+    return dropped + await fs.inodes.install_restored(next_nodeid, reopened, children)

@@ -137,6 +137,27 @@ def _kind_at(path: bytes) -> int | None:
         return None
 
 
+def _gone_at_restore(inodes: dict, children: list) -> set[int]:
+    """The nodeids a restore on the tree as it is now must drop."""
+    bound = {child for _parent, _name, child in children}
+    gone, owner = set(), {}
+    for n in sorted(inodes, key=lambda n: (n not in bound, n)):
+        kind, path = inodes[n]
+        if n == ROOT:
+            continue
+        try:
+            st = os.lstat(path)
+        except (OSError, ValueError):
+            gone.add(n)
+            continue
+        key = (st.st_dev, st.st_ino)
+        if _kind_at(path) != kind or key in owner:
+            gone.add(n)
+        else:
+            owner[key] = n
+    return gone
+
+
 def check_consistent(blob: bytes) -> dict:
     """A snapshot is a table: root present, every name binds live nodeids, ids below next."""
     next_nodeid, inodes, children = _parse_pfss(blob)
@@ -188,9 +209,11 @@ async def test_snapshot_under_load_restores_to_a_consistent_table(tmp_path):
     for blob in blobs:
         check_consistent(blob)
     # the last one restores on the same tree, dropping exactly the inodes whose object is
-    # no longer at its path (unlinked or replaced while the client still held them)
-    _, inodes, _ = _parse_pfss(blobs[-1])
-    gone = {n for n, (kind, path) in inodes.items() if n != ROOT and _kind_at(path) != kind}
+    # no longer at its path (unlinked or replaced while the client still held them). A
+    # reused name (a held file unlinked, a new one created under its name) leaves two
+    # nodeids with one path: the one the name binds keeps the object, the other is gone.
+    _, inodes, children = _parse_pfss(blobs[-1])
+    gone = _gone_at_restore(inodes, children)
     async with Filesystem.running(FsConfig(root=str(tmp_path))) as fs2:
         dropped = await restore(fs2, blobs[-1])
         counts = await fs2.inodes.counts()
@@ -210,6 +233,34 @@ async def test_snapshot_under_load_restores_to_a_consistent_table(tmp_path):
             async with Filesystem.running(FsConfig(root=str(tmp_path))) as fs3:
                 await restore(fs3, blob)
                 check_consistent(await snapshot(fs3))
+
+
+async def test_restore_gives_a_reused_name_to_the_nodeid_bound_to_it(tmp_path):
+    """A held file is unlinked and its name reused by a new file (same kind): both
+    nodeids carry the same path in the snapshot. The one the name binds keeps the
+    object; the stale one is dropped and counted (was: the older nodeid took the
+    new file, the bound one vanished uncounted: 1 run in ~24 of the test above)."""
+    from helpers_fs import CTX, errno_of
+    from helpers_fs import ops as fsops
+
+    (tmp_path / "f").write_text("old")
+    async with Filesystem.running(FsConfig(root=str(tmp_path))) as fs:
+        old = await fsops.lookup(fs, CTX, ROOT, b"f")
+        await fsops.unlink(fs, CTX, ROOT, b"f")  # the client still holds old
+        new, opened = await fsops.create(fs, CTX, ROOT, b"f", 0o644, os.O_RDWR)
+        await fsops.release(fs, CTX, new.nodeid, opened.fh)
+        assert new.nodeid > old.nodeid
+        blob = await snapshot(fs)
+    _, inodes, _ = _parse_pfss(blob)
+    assert inodes[old.nodeid] == inodes[new.nodeid]  # same kind, same path
+    async with Filesystem.running(FsConfig(root=str(tmp_path))) as fs2:
+        assert await restore(fs2, blob) == 1
+        assert (await fs2.inodes.counts())["inodes"] == 2  # the root and new
+        assert await fs2.inodes.child(ROOT, b"f") == new.nodeid
+        st = os.lstat(tmp_path / "f")
+        attr = await fsops.getattr(fs2, CTX, new.nodeid)
+        assert (attr.ino, attr.mode) == (st.st_ino, st.st_mode)
+        assert await errno_of(fsops.getattr(fs2, CTX, old.nodeid)) == errno.ENOENT
 
 
 async def test_restore_against_a_changed_tree_drops_what_is_gone(tmp_path):
