@@ -146,3 +146,19 @@ def test_rm_rf_leaves_the_host_directory_empty(mount):
     assert os.listdir(src) == []
     assert os.listdir(mnt) == []
     assert m.proc.poll() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="device nodes need root")
+def test_no_devices_refuses_device_nodes_but_whiteouts(dirs):
+    src, mnt = dirs
+    with mount_util.CliMount(src, mnt, "--no-devices"):
+        p = subprocess.run(["mknod", str(mnt / "null"), "c", "1", "3"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert p.returncode != 0 and "not permitted" in p.stderr
+        p = subprocess.run(["mknod", str(mnt / "loop"), "b", "7", "200"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert p.returncode != 0 and "not permitted" in p.stderr
+        run(["mknod", str(mnt / "wh"), "c", "0", "0"], cwd=mnt)
+        run(["mkfifo", str(mnt / "p")], cwd=mnt)
+    assert sorted(os.listdir(src)) == ["hello", "p", "wh"]
+    assert os.lstat(src / "wh").st_rdev == 0
