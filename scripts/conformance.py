@@ -162,6 +162,13 @@ def report(results: list, options: list[str], seconds: float) -> str:
         if r["diff"]:
             lines += ["", f"## {r['module']}: what differs", ""]
             lines += [f"- `{d}`" for d in r["diff"][:50]]
+    both = [(r["module"], n) for r in results for n, v in sorted(r["native"]["cases"].items())
+            if v in ("failure", "error") and r["mount"]["cases"].get(n) == v]  # fmt: skip
+    if both:
+        lines += ["", "## Failing natively too (the same on the mount)", "",
+                  "These cases fail on this machine's native directory as well; they say",
+                  "nothing about actorfs.", ""]  # fmt: skip
+        lines += [f"- {m}: `{n}`" for m, n in both[:50]]
     lines.append("")
     return "\n".join(lines)
 
