@@ -7,6 +7,12 @@ table; a guest that sends INIT again (reset or reboot while mounted) gets a
 fresh session too. Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues
 1..N carry requests; all of them feed the same Dispatcher, driven from the
 event loop by their kick eventfds.
+
+The frontend is untrusted (docs/RELIABILITY.md, "The hostile VMM"): rings are
+processed in bounded batches, a connection without SET_OWNER within
+HANDSHAKE_TIMEOUT or with a message stalled half-way is dropped, every queue
+stop ends its runner whatever the queue's state, and a kick fd at end of file
+stops its queue.
 """
 
 from __future__ import annotations
