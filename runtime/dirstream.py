@@ -41,6 +41,7 @@ if _getdents is not None:
     _getdents.restype = ctypes.c_ssize_t
 
 _HDR = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; d_name follows
+_U64 = (1 << 64) - 1
 _LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
@@ -68,7 +69,8 @@ def parse(data: bytes) -> list[tuple[int, int, int, bytes]]:
             break
         name = data[pos + _HDR.size : pos + reclen]
         nul = name.find(b"\0")
-        out.append((ino, off, dtype, name if nul < 0 else name[:nul]))
+        # d_off is a signed off_t; a READDIR offset is a u64 (read() maps it back)
+        out.append((ino, off & _U64, dtype, name if nul < 0 else name[:nul]))
         pos += reclen
     return out
 
@@ -81,7 +83,7 @@ def read(dfd: int, offset: int, size: int, fh: int = 0) -> list[tuple[int, int, 
     n = min(BUF_MAX, max(BUF_MIN, size))
     buf = ctypes.create_string_buffer(n)
     with _LOCKS[fh % len(_LOCKS)]:
-        os.lseek(dfd, offset, os.SEEK_SET)
+        os.lseek(dfd, offset - (1 << 64) if offset >= 1 << 63 else offset, os.SEEK_SET)
         got = _getdents64(dfd, buf, n)
     out = parse(ctypes.string_at(buf, got))
     for i, (ino, off, dtype, name) in enumerate(out):
