@@ -468,6 +468,17 @@ class Dispatcher:
         # A task that has not started yet sees the flag on entry; cancelling
         # it now would skip its body, and with it the EINTR reply.
         if flight.started and flight.task is not None:
+            # Not at once: the task that finishes an eagerly started request
+            # (runtime/eager.py) may not have taken its first step yet (the
+            # reader read this INTERRUPT without a turn of the loop, e.g. after
+            # being descheduled past the grace period). Cancelled then, it would
+            # die before resuming the request: no reply ever, and the caller
+            # stuck for good. Its first step is already queued, so a callback
+            # queued now runs after it.
+            asyncio.get_running_loop().call_soon(self._cancel_flight, target, flight)
+
+    def _cancel_flight(self, target: int, flight: _Flight) -> None:
+        if self._tasks.get(target) is flight and flight.task is not None and not flight.task.done():
             flight.task.cancel()
 
     def _interrupt_late(self, target: int, flight: _Flight) -> None:

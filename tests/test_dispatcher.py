@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import struct
+import time
 import types
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from runtime import ops as real_ops
 from runtime import protocol as P
 from runtime.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs
-from runtime.dispatcher import BASE_INIT_FLAGS, MAX_WRITE, Dispatcher
+from runtime.dispatcher import BASE_INIT_FLAGS, INTERRUPT_GRACE, MAX_WRITE, Dispatcher
 from runtime.filesystem import Filesystem, FsConfig
 
 ROOT = 1
@@ -498,6 +499,25 @@ async def test_interrupt_cancels_a_blocked_read(tmp_path):
         assert await _one_reply(w, target) == -errno.EINTR
         assert len(w.replies) == 1  # INTERRUPT itself has no reply
         assert w.d.stats()["interrupts"] == 1
+
+
+async def test_interrupt_past_the_grace_before_the_request_task_first_ran(tmp_path):
+    """The reader reads a READ (its first step runs at once, eagerly, and it waits),
+    then is descheduled (load) past the grace period before it reads the INTERRUPT,
+    all without a turn of the loop: the task that finishes the READ has not run
+    yet. Cancelling that task then killed it before it could resume the request:
+    no reply ever, and the caller hung in D state for good (stress-ng's dir
+    stressor in a statfs, about 1 run in 8 under load)."""
+    async with running(tmp_path) as fs:
+        gate, started = asyncio.Event(), asyncio.Event()
+        w = Wire(Dispatcher(fs, ops=slow_ops(gate, started)))
+        await w.init()
+        target = await w.submit(P.Read(h=H(), fh=1, size=10))
+        assert started.is_set()  # its first step ran inside submit
+        time.sleep(INTERRUPT_GRACE + 0.05)  # no loop turn: the reader was not scheduled
+        await w.submit(P.Interrupt(h=P.InHeader(unique=target | 1), unique=target))
+        await asyncio.wait_for(w.d.drain(), 10)
+        assert await _one_reply(w, target) == -errno.EINTR
 
 
 async def test_interrupt_before_the_request_arrives(tmp_path):
