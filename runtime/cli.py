@@ -141,7 +141,9 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="A passthrough FUSE / virtio-fs filesystem server.")
+    parser = _Parser(prog=PROG, description="A passthrough FUSE / virtio-fs filesystem server.",
+                     epilog="Also `actorfs SRC MNT -o OPTIONS`, the form mount.fuse3 runs for "
+                            "`mount -t fuse.actorfs` and fstab lines (docs/INTEGRATION.md).")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount SRC on MNT through /dev/fuse",

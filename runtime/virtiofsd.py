@@ -113,7 +113,7 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
     """virtiofsd's argv -> (`actorfs serve` argv, log lines for what was ignored)."""
     src = socket = fd = cache = tag = None
     level = "info"
-    read_only = False
+    read_only = unsealed = False
     notes: list[str] = []
 
     def ignore(name: str, shown: str) -> None:
@@ -188,6 +188,8 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
             tag = value
         elif name == "readonly":
             read_only = True
+        elif name == "allow-unsealed-memory":  # actorfs's own (memory-backend-file guests)
+            unsealed = True
         elif name == "print-capabilities":
             return ["serve", "--print-capabilities"], notes
         elif name in IGNORED:
@@ -204,6 +206,8 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
         out += ["--cache", cache]
     if read_only:
         out.append("--read-only")
+    if unsealed:
+        out.append("--allow-unsealed-memory")
     if tag is not None:
         notes.append(f"--tag={tag}: the tag is the VMM's (vhost-user-fs-pci tag=)")
     out.append(src)

@@ -235,6 +235,37 @@ def test_fd_that_is_not_a_listening_socket_is_one_line(tmp_path):
     assert "not a listening unix stream socket" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_virtiofsd_separate_options_serve_one_frontend_then_exit(tmp_path):
+    """The launcher form of virtiofsd's own options: mapped, or ignored with one line each."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    (root / "hello").write_text("hi\n")
+    sock_path = tmp_path / "vfsd.sock"
+    ignored = ["--sandbox=none", "--announce-submounts", "--inode-file-handles=mandatory",
+               "--xattr", "--posix-acl", "--thread-pool-size=4", "--seccomp=kill"]  # fmt: skip
+    proc = subprocess.Popen(
+        [program("actorfs-virtiofsd"), f"--socket-path={sock_path}", "--shared-dir", str(root),
+         "--cache=never", "--log-level=info", *ignored],
+        env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: sock_path.exists() or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, proc.stderr.read()
+        _fuse_session(str(sock_path), root)
+        assert proc.wait(60) == 0  # one frontend, then it leaves, as virtiofsd does
+        log = proc.stderr.read()
+        for opt in ignored:
+            assert log.count(f"ignoring {opt}") == 1, (opt, log)
+        assert not sock_path.exists()
+    finally:
+        stop_process(proc)
+    p = subprocess.run([program("actorfs-virtiofsd"), "--socket-path=/nowhere", "-o",
+                        f"source={root}", "--frobnicate"], env=script_env(),
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "actorfs-virtiofsd: error: unknown option --frobnicate"], p.stderr
+
+
 # -- mount mode: systemd, TCP metrics, the live view ----------------------------------
 
 
