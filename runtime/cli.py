@@ -136,8 +136,8 @@ def _add_fs_options(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on ADDR: PORT or HOST:PORT (localhost "
                         "unless HOST is given) or a unix socket path (default: off)")  # fmt: skip
     p.add_argument("--stats-socket", metavar="PATH", default=None,
-                   help="where `actorfs stats` reads this server's figures (default: under "
-                        "/run/actorfs/, named after MNT or the socket; 'none': off)")  # fmt: skip
+                   help="where `actorfs stats` reads this server's figures (default: an "
+                        "abstract socket named after MNT or the socket; 'none': off)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

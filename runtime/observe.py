@@ -4,10 +4,12 @@ Both are served by the server's own event loop (no threads), so reading the
 statistics never races with the requests that update them.
 
 - The stats socket (on by default): a unix socket that writes one JSON object,
-  the server's stats(), to whoever connects, then closes. `actorfs stats MNT`
-  finds it by the mountpoint (or vhost-user socket) it serves: its name is
-  derived from that path, under /run/actorfs/ (or $XDG_RUNTIME_DIR/actorfs,
-  /tmp/actorfs-UID for other users).
+  the server's stats(), to whoever connects (root or the server's own user:
+  checked with SO_PEERCRED), then closes. `actorfs stats MNT` finds it by the
+  mountpoint (or vhost-user socket) it serves: by default it is an abstract
+  socket (no file: it goes away with the process, even a killed one) named
+  `actorfs-stats-` + a hash of that path; `--stats-socket PATH` makes it a
+  file instead.
 - Metrics (opt-in, `--metrics ADDR`): the same figures in Prometheus' text
   format, rendered by prometheus_client, on a localhost TCP port (PORT or
   HOST:PORT) or a unix socket (a path), answering plain HTTP GET.
@@ -21,7 +23,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import stat
+import struct
 from collections.abc import Callable
 
 log = logging.getLogger("actorfs.observe")
@@ -30,13 +34,6 @@ StatsFn = Callable[[], dict]
 
 
 # -- where the stats socket lives -----------------------------------------------------
-
-
-def stats_dir() -> str:
-    if os.geteuid() == 0:
-        return "/run/actorfs"
-    run = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(run, "actorfs") if run else f"/tmp/actorfs-{os.getuid()}"
 
 
 def canonical(path: str) -> str:
@@ -50,9 +47,14 @@ def canonical(path: str) -> str:
 
 
 def stats_socket_for(target: str) -> str:
-    """The stats socket of the server serving `target` (a mountpoint or vhost-user socket)."""
+    """The (abstract) stats socket of the server serving `target` (a mountpoint or socket)."""
     key = hashlib.sha256(canonical(target).encode()).hexdigest()[:16]
-    return os.path.join(stats_dir(), f"{key}.sock")
+    return f"\0actorfs-stats-{key}"
+
+
+def shown(path: str) -> str:
+    """A socket address for humans: abstract ones as @name."""
+    return "@" + path[1:] if path.startswith("\0") else path
 
 
 # -- the stats socket -------------------------------------------------------------
@@ -68,8 +70,9 @@ class StatsSocket:
         self._ino: int | None = None
 
     async def start(self) -> StatsSocket:
-        d = os.path.dirname(self.path)
-        os.makedirs(d, mode=0o755, exist_ok=True)
+        if self.path.startswith("\0"):  # abstract: nothing on disk to create or remove
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+            return self
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)  # a leftover of a server that died
@@ -78,8 +81,20 @@ class StatsSocket:
         self._ino = os.lstat(self.path).st_ino
         return self
 
+    @staticmethod
+    def _allowed(writer) -> bool:
+        sock = writer.get_extra_info("socket")
+        try:
+            _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))  # fmt: skip
+        except OSError:
+            return False
+        return uid in (0, os.geteuid())
+
     async def _serve(self, reader, writer) -> None:
         try:
+            if not self._allowed(writer):
+                return  # another user: closed without a word
             try:
                 body = json.dumps(self.stats(), default=str)
             except Exception as exc:  # a half-built server: say so, do not crash it
@@ -95,16 +110,15 @@ class StatsSocket:
         if self._server is None:
             return
         self._server.close()
-        with contextlib.suppress(OSError):
-            if os.lstat(self.path).st_ino == self._ino:
-                os.unlink(self.path)
+        if self._ino is not None:
+            with contextlib.suppress(OSError):
+                if os.lstat(self.path).st_ino == self._ino:
+                    os.unlink(self.path)
         self._server = None
 
 
 def read_stats(path: str, timeout: float = 10.0) -> dict:
     """One reading from a stats socket (blocking; for `actorfs stats`)."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
@@ -269,7 +283,7 @@ class Observers:
             try:
                 await self.stats_socket.start()
             except OSError as exc:  # on by default: a read-only /run must not stop the server
-                log.warning("no stats socket at %s: %s", self.stats_socket.path, exc)
+                log.warning("no stats socket at %s: %s", shown(self.stats_socket.path), exc)
                 self.stats_socket = None
         if self.metrics is not None:
             await self.metrics.start()  # asked for: failing to listen is an error
@@ -284,7 +298,7 @@ class Observers:
     def summary(self) -> str:
         parts = []
         if self.stats_socket is not None:
-            parts.append(f"stats {self.stats_socket.path}")
+            parts.append(f"stats {shown(self.stats_socket.path)}")
         if self.metrics is not None:
             parts.append(f"metrics {self.metrics.kind}:{self.metrics.address}")
         return ", ".join(parts)

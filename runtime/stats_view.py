@@ -14,7 +14,7 @@ import stat
 import sys
 import time
 
-from runtime.observe import read_stats, stats_socket_for
+from runtime.observe import read_stats, shown, stats_socket_for
 
 
 class StatsUnavailable(Exception):
@@ -22,9 +22,9 @@ class StatsUnavailable(Exception):
 
 
 def locate(target: str) -> str:
-    """The stats socket for TARGET: a stats socket itself, or what the server serves."""
+    """The stats socket for TARGET: the server's, found by what it serves, or TARGET itself."""
     derived = stats_socket_for(target)
-    if os.path.exists(derived):
+    if _speaks_json(derived):
         return derived
     try:
         st = os.lstat(target)
@@ -33,14 +33,14 @@ def locate(target: str) -> str:
     if st is not None and stat.S_ISSOCK(st.st_mode) and _speaks_json(target):
         return target
     raise StatsUnavailable(
-        f"no running actorfs server found for {target} (looked for {derived}): "
-        "is it served by actorfs, started without --stats-socket none?"
+        f"no running actorfs server found for {target} (no answer on {shown(derived)}): "
+        "is it served by actorfs, started without --stats-socket?"
     )
 
 
 def _speaks_json(path: str) -> bool:
     try:
-        read_stats(path, timeout=2)
+        read_stats(path, timeout=5)
     except (OSError, ValueError):
         return False
     return True

@@ -389,9 +389,19 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _wait_server_gone(mnt: Path) -> bool:
-    from runtime.observe import stats_socket_for
+    """The daemonized server has exited: its (abstract) stats socket no longer answers."""
+    from runtime.observe import read_stats, stats_socket_for
 
-    return wait_until(lambda: not os.path.exists(stats_socket_for(str(mnt))), timeout=60)
+    def gone() -> bool:
+        try:
+            read_stats(stats_socket_for(str(mnt)), timeout=10)
+        except ConnectionRefusedError:
+            return True
+        except (OSError, ValueError):
+            return False
+        return False
+
+    return wait_until(gone, timeout=60, step=0.2)
 
 
 @needs_mount
