@@ -152,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("mnt", metavar="MNT", help="an existing empty directory to mount on")
     _add_fs_options(m)
     m.add_argument("--writeback", action="store_true", help="let the kernel cache writes")
-    m.add_argument("--passthrough", action="store_true",
-                   help="let the kernel read and write opened files directly (root, kernel 6.9+)")  # fmt: skip
+    m.set_defaults(passthrough="auto")
+    m.add_argument("--passthrough", dest="passthrough", action="store_const", const="on",
+                   help="let the kernel read and write opened files directly (FUSE "
+                        "passthrough, Linux 6.9+, root) even with --writeback or --cache "
+                        "never. Default: auto, on when the kernel offers it, the server "
+                        "runs as root and neither of those options is given")  # fmt: skip
+    m.add_argument("--no-passthrough", dest="passthrough", action="store_const", const="off",
+                   help="never use FUSE passthrough")  # fmt: skip
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--queues", type=_queues, metavar="N",
@@ -216,7 +222,7 @@ def make_config(args: argparse.Namespace, root: str) -> FsConfig:
         symlinks=args.symlinks,
         cache=args.cache,
         writeback=getattr(args, "writeback", False),
-        passthrough=getattr(args, "passthrough", False),
+        passthrough=getattr(args, "passthrough", "off"),
         read_only=args.read_only,
         devices=getattr(args, "devices", True),
         watch=getattr(args, "watch", None),
@@ -282,6 +288,9 @@ def format_stats(stats: dict) -> str:
             f"{i['hits']} hits, {i['misses']} misses, {i['evictions']} evictions, reopened "
             f"{i['reopened_by_handle']} by handle / {i['reopened_by_path']} by path, {i['stale']} stale"
         )
+    pt = stats.get("passthrough")
+    if pt:
+        lines.append(f"  passthrough {pt.get('reason') or ('on' if pt.get('on') else 'off')}")
     t = stats.get("transport")
     if t:
         lines.append(
@@ -326,7 +335,8 @@ def _unmount_hint(mnt: str) -> str:
 
 def _announce_foreground(server) -> None:
     print(
-        f"{PROG}: serving {server.config.root} on {server.mountpoint} "
+        f"{PROG}: serving {server.config.root} on {server.mountpoint}, "
+        f"{server.passthrough_status} "
         f"(Ctrl-C or `{_unmount_hint(server.mountpoint)}` to unmount)",
         file=sys.stderr,
         flush=True,
@@ -437,9 +447,10 @@ def _daemonize(serve) -> int:
         with os.fdopen(r, "rb") as f:
             msg = f.read().decode(errors="replace").strip()
         if msg.startswith("ok "):
-            where = msg[3:]
+            where, _, status = msg[3:].partition("\t")
             print(
-                f"{PROG}: mounted on {where} (server pid {pid}); unmount with `{_unmount_hint(where)}`"
+                f"{PROG}: mounted on {where} (server pid {pid}, {status or 'passthrough unknown'}); "
+                f"unmount with `{_unmount_hint(where)}`"
             )
             return 0
         if msg:
@@ -461,7 +472,7 @@ def _daemonize(serve) -> int:
             report.write(f"{status} {PROG}: error: {error}\n")
             report.close()
             return status
-        report.write(f"ok {server.mountpoint}\n")
+        report.write(f"ok {server.mountpoint}\t{server.passthrough_status}\n")
         report.close()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -39,6 +39,7 @@ from runtime import backing_fs, eager
 from runtime import protocol as P
 from runtime.attrs import Attr, Entry, RequestContext
 from runtime.errno_map import FsError, linux_errno_of
+from runtime.filesystem import passthrough_plan
 from runtime.stats import Stats
 
 log = logging.getLogger("actorfs.dispatcher")
@@ -228,6 +229,7 @@ class Dispatcher:
         # The op layer; tests may pass their own namespace.
         self.ops = ops if ops is not None else _load("runtime.ops")
         self.ops_dax = ops_dax if ops_dax is not None else _load("runtime.ops_dax")
+        self.passthrough_reason = ""  # why passthrough is on or off (set at INIT)
         self.init: NegotiatedInit | None = None
         self.destroyed = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -369,6 +371,7 @@ class Dispatcher:
                 "kernel_minor": self.init.kernel_minor,
                 "flags": self.init.flags,
                 "passthrough": self.init.passthrough,
+                "passthrough_reason": self.passthrough_reason,
                 "writeback": self.init.writeback,
                 "max_write": self.init.max_write,
             },
@@ -508,7 +511,10 @@ class Dispatcher:
         if getattr(config, "cache", None) == "never":
             # Files are opened FOPEN_DIRECT_IO: still allow shared mmap (sqlite WAL).
             want |= P.FUSE_DIRECT_IO_ALLOW_MMAP
-        if self.transport == "fuse" and getattr(config, "passthrough", False):
+        use_pt, self.passthrough_reason = passthrough_plan(
+            config, self.transport, bool(kflags & P.FUSE_PASSTHROUGH)
+        )
+        if use_pt:
             want |= P.FUSE_PASSTHROUGH
         if self.transport == "virtiofs" and getattr(self.fs, "dax", None) is not None:
             want |= P.FUSE_MAP_ALIGNMENT
@@ -558,8 +564,8 @@ class Dispatcher:
         self._setxattr_ext = self.init.setxattr_ext
         self.destroyed.clear()
         i = self.init
-        log.info("FUSE %d.%d negotiated (kernel 7.%d), flags %#x", i.major, i.minor,
-                 i.kernel_minor, i.flags)  # fmt: skip
+        log.info("FUSE %d.%d negotiated (kernel 7.%d), flags %#x, passthrough %s", i.major,
+                 i.minor, i.kernel_minor, i.flags, self.passthrough_reason)  # fmt: skip
         return P.reply_init(
             unique,
             major=i.major,

@@ -20,6 +20,7 @@ from runtime.supervisor import Supervisor
 
 SYMLINK_POLICIES = ("opaque", "follow", "deny")
 CACHE_MODES = ("never", "auto", "always")
+PASSTHROUGH_MODES = ("auto", "on", "off")
 
 # entry/attr timeouts per cache mode (seconds). "always" relies on the watcher.
 _TIMEOUTS = {"never": 0.0, "auto": 1.0, "always": 86400.0}
@@ -35,7 +36,10 @@ class FsConfig:
     symlinks: str = "opaque"
     cache: str = "auto"
     writeback: bool = False
-    passthrough: bool = False
+    # FUSE passthrough (/dev/fuse only): "auto" (on when the kernel offers it,
+    # we hold CAP_SYS_ADMIN and no other option excludes it: passthrough_plan),
+    # "on" / True (whenever the kernel offers it), "off" / False.
+    passthrough: bool | str = "auto"
     read_only: bool = False
     devices: bool = True  # mknod of character/block devices (but c 0 0, a whiteout)
     max_inodes: int = 1 << 20  # cap on inodes the client may know (EMFILE beyond)
@@ -76,6 +80,12 @@ class FsConfig:
             self.watch = self.cache == "always"
         if self.fd_cache is not None and self.fd_cache < 1:
             raise ConfigError(f"fd cache of {self.fd_cache} fds: use 1 or more")
+        if self.passthrough is True or self.passthrough is False:
+            self.passthrough = "on" if self.passthrough else "off"
+        if self.passthrough not in PASSTHROUGH_MODES:
+            raise ConfigError(
+                f"unknown passthrough mode {self.passthrough!r}: use one of {', '.join(PASSTHROUGH_MODES)}"
+            )
         if self.inline not in INLINE_MODES:
             raise ConfigError(f"unknown inline mode {self.inline!r}: use one of {', '.join(INLINE_MODES)}")
 
@@ -86,6 +96,52 @@ class FsConfig:
     @property
     def attr_timeout(self) -> float:
         return _TIMEOUTS[self.cache]
+
+
+# CAP_SYS_ADMIN: FUSE_DEV_IOC_BACKING_OPEN requires it in the initial user namespace.
+_CAP_SYS_ADMIN = 21
+
+
+def may_register_backing() -> bool:
+    """Whether this process holds CAP_SYS_ADMIN (the kernel's test for passthrough)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
+def passthrough_plan(config, transport: str, kernel_offers: bool) -> tuple[bool, str]:
+    """(use FUSE passthrough, why): decided at INIT, shown at start-up and in stats.
+
+    Under "auto" it stays off where it would break a promise of another option:
+    the writeback cache (the kernel excludes the two) and `--cache never`
+    (every read and write is to reach the server). Set-ID files are handled
+    per open (ops._opened): their writable opens never pass through, so the
+    server still drops the bits on write. Read-only, the watcher and the
+    attribute timeouts hold as they are: passthrough moves only read/write
+    data, straight to the host file.
+    """
+    mode = getattr(config, "passthrough", "off")
+    mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if transport != "fuse":
+        return False, "off: virtio-fs has no kernel passthrough"
+    if mode == "off":
+        return False, "off: --no-passthrough"
+    if not kernel_offers:
+        return False, "off: the kernel does not offer it (FUSE passthrough needs Linux 6.9+)"
+    if mode == "on":
+        return True, "on: --passthrough"
+    if getattr(config, "writeback", False):
+        return False, "off: --writeback (the kernel excludes the two; --passthrough forces it)"
+    if getattr(config, "cache", "auto") == "never":
+        return False, "off: --cache never sends every read and write to the server"
+    if not may_register_backing():
+        return False, "off: registering backing files needs CAP_SYS_ADMIN (run as root)"
+    return True, "on (auto): offered by the kernel"
 
 
 def check_root(root: str) -> str:
@@ -132,6 +188,9 @@ class Filesystem:
         # FUSE passthrough: set by the /dev/fuse transport once INIT negotiated it;
         # an object with open(fd) -> backing_id and close(backing_id).
         self.backing = None
+        # nodeid -> (dev, ino, size, mtime_ns) at its last cached open: an open
+        # that finds the same keeps the client's page cache (ops._opened).
+        self.page_versions: dict[int, tuple] = {}
         self.supervisor = Supervisor()
         if config.dax_name or config.dax_size:
             self.dax = self._make_dax_window(config)
@@ -157,6 +216,7 @@ class Filesystem:
         old session's inodes and open handles would stay until the server exits.
         """
         dropped = await self.inodes.reset()
+        self.page_versions.clear()
         if self.watcher is not None:
             for nodeid in dropped:
                 self.watcher.unwatch(nodeid)

@@ -371,7 +371,7 @@ class FuseTransport:
             init = self.dispatcher.init
             ok = P.parse_out_header(iov[0])[1] == 0 and init is not None
             fs = self.dispatcher.fs
-            if ok and init.passthrough and getattr(fs.config, "passthrough", False):
+            if ok and init.passthrough:
                 # Before the reply: the kernel sends OPEN only after reading it.
                 fs.backing = self.backing
             before = self.replies

@@ -409,12 +409,16 @@ async def lookup(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) 
 
 
 async def forget(fs: Filesystem, nodeid: int, nlookup: int) -> None:
-    if await fs.inodes.forget(nodeid, nlookup) and fs.watcher is not None:
-        fs.watcher.unwatch(nodeid)
+    if await fs.inodes.forget(nodeid, nlookup):
+        fs.page_versions.pop(nodeid, None)
+        if fs.watcher is not None:
+            fs.watcher.unwatch(nodeid)
 
 
 async def batch_forget(fs: Filesystem, items: list[tuple[int, int]]) -> None:
     dropped = await fs.inodes.batch_forget(items)
+    for nodeid in dropped:
+        fs.page_versions.pop(nodeid, None)
     if fs.watcher is not None:
         for nodeid in dropped:
             fs.watcher.unwatch(nodeid)
@@ -596,17 +600,39 @@ def _file_open_flags(fs: Filesystem, flags: int = os.O_RDONLY) -> int:
     return FOPEN_NOFLUSH
 
 
-async def _opened(fs: Filesystem, fd: int, nodeid: int, oflags: int = os.O_RDONLY) -> Opened:
+async def _opened(
+    fs: Filesystem, fd: int, nodeid: int, oflags: int = os.O_RDONLY, st: os.stat_result | None = None
+) -> Opened:
+    """The handle for an opened host fd, and how the kernel is to do its I/O.
+
+    `st` (the opened file's stat) lets a cached open keep the client's pages
+    and keeps set-ID files off passthrough."""
     flags = _file_open_flags(fs, oflags)
     backing = 0
-    b = fs.backing
-    if fs.config.passthrough and b is not None:
-        try:
-            backing = b.open(fd)
-        except OSError:
-            backing = 0  # fall back to normal reads and writes
-        if backing:
-            flags = (flags & ~FOPEN_DIRECT_IO) | FOPEN_PASSTHROUGH
+    b = fs.backing  # set only when passthrough was negotiated
+    if b is not None:
+        if oflags & os.O_ACCMODE != os.O_RDONLY and _set_id(st if st is not None else os.fstat(fd)):
+            # Passthrough writes bypass us, and the host kernel keeps the
+            # bits for our privileged writer: this open goes through the
+            # server (which drops them as a kernel filesystem does), uncached
+            # so it can share the inode with the passthrough opens.
+            flags |= FOPEN_DIRECT_IO
+        else:
+            try:
+                backing = b.open(fd)
+            except OSError:
+                backing = 0  # fall back to normal reads and writes
+            if backing:
+                flags = (flags & ~FOPEN_DIRECT_IO) | FOPEN_PASSTHROUGH
+    if st is not None and fs.config.cache == "auto" and not flags & (FOPEN_DIRECT_IO | FOPEN_PASSTHROUGH):
+        # Keep the client's pages when the file is as it was at the last
+        # cached open of this inode (FUSE_AUTO_INVAL_DATA drops them when a
+        # later GETATTR shows a change).
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if fs.page_versions.get(nodeid) == version:
+            flags |= FOPEN_KEEP_CACHE
+        else:
+            fs.page_versions[nodeid] = version
     try:
         fh = await fs.handles.add(fd, nodeid, False, backing)
     except BaseException:
@@ -633,15 +659,28 @@ async def open(
             raise FsError(errno.ELOOP)
         wfd = os.dup(ifd) if fs.watcher is not None else -1
         try:
-            fd = await _pool(fs, (ifd,), _reopen, ifd, oflags, kill_gid, creds=c)
+            fd, st = await _pool(fs, (ifd,), _job_reopen_stat, ifd, oflags, kill_gid, creds=c)
         except BaseException:
             if wfd >= 0:
                 os.close(wfd)
             raise
         _watch(fs, nodeid, wfd, False)
-        return await _opened(fs, fd, nodeid, oflags)
+        return await _opened(fs, fd, nodeid, oflags, st)
     except BaseException:
         await fs.inodes.unpin(nodeid)
+        raise
+
+
+def _set_id(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
+
+
+def _job_reopen_stat(ifd: int, flags: int, kill_gid: int = -1):
+    fd = _reopen(ifd, flags, kill_gid)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
         raise
 
 
@@ -706,7 +745,7 @@ async def create(
         raise
     _watch(fs, nodeid, wfd, False)
     try:
-        opened = await _opened(fs, fd, nodeid, oflags)
+        opened = await _opened(fs, fd, nodeid, oflags, st)
     except BaseException:
         # The client never sees this entry: give its lookup back (EMFILE at the handle cap).
         await fs.inodes.unpin(nodeid)

@@ -142,6 +142,14 @@ class MountedServer:
         except Exception:
             pass  # a failure is reported by wait() and kept in self.failure
 
+    @property
+    def passthrough_status(self) -> str:
+        """"passthrough on (...)" / "passthrough off: ...", once INIT is done."""
+        d = self.dispatcher
+        if d is None or not d.passthrough_reason:
+            return "passthrough not negotiated yet"
+        return f"passthrough {d.passthrough_reason}"
+
     def stats(self) -> dict:
         out = {
             "mountpoint": self.mountpoint,
@@ -153,6 +161,10 @@ class MountedServer:
             out["transport"] = self.transport.stats()
         if self.dispatcher is not None:
             out["requests"] = self.dispatcher.stats()
+            out["passthrough"] = {
+                "on": self.dispatcher.passthrough,
+                "reason": self.dispatcher.passthrough_reason,
+            }
         if self.fs is not None:
             out["pool"] = {"workers": self.fs.pool.workers, "submitted": self.fs.pool.submitted}
             out["inodes"] = self.fs.inodes.stats()
