@@ -611,19 +611,23 @@ async def _opened(
     backing = 0
     b = fs.backing  # set only when passthrough was negotiated
     if b is not None:
-        if oflags & os.O_ACCMODE != os.O_RDONLY and _set_id(st if st is not None else os.fstat(fd)):
-            # Passthrough writes bypass us, and the host kernel keeps the
-            # bits for our privileged writer: this open goes through the
-            # server (which drops them as a kernel filesystem does), uncached
-            # so it can share the inode with the passthrough opens.
-            flags |= FOPEN_DIRECT_IO
-        else:
-            try:
-                backing = b.open(fd)
-            except OSError:
-                backing = 0  # fall back to normal reads and writes
-            if backing:
-                flags = (flags & ~FOPEN_DIRECT_IO) | FOPEN_PASSTHROUGH
+        try:
+            backing = b.open(fd)
+        except OSError:
+            backing = 0  # fall back to normal reads and writes
+        if backing:
+            # The kernel fails the open (EIO) on any flag outside its
+            # passthrough mask: KEEP_CACHE (--cache always) among them.
+            flags = (flags & FOPEN_NOFLUSH) | FOPEN_PASSTHROUGH
+            if oflags & os.O_ACCMODE != os.O_RDONLY and _set_id(st if st is not None else os.fstat(fd)):
+                # Passthrough writes bypass us, and the host kernel keeps the
+                # bits for our privileged writer. DIRECT_IO overrides
+                # PASSTHROUGH for the I/O, so this open's writes reach the
+                # server (which drops the bits as a kernel filesystem does),
+                # while the inode stays in passthrough mode: the kernel
+                # refuses (EIO) an open without PASSTHROUGH of an inode that
+                # has a backing file.
+                flags |= FOPEN_DIRECT_IO
     if st is not None and fs.config.cache == "auto" and not flags & (FOPEN_DIRECT_IO | FOPEN_PASSTHROUGH):
         # Keep the client's pages when the file is as it was at the last
         # cached open of this inode (FUSE_AUTO_INVAL_DATA drops them when a

@@ -20,7 +20,7 @@ from runtime import ops as real_ops
 from runtime import protocol as P
 from runtime.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs
 from runtime.dispatcher import BASE_INIT_FLAGS, INTERRUPT_GRACE, MAX_WRITE, Dispatcher
-from runtime.filesystem import Filesystem, FsConfig
+from runtime.filesystem import ConfigError, Filesystem, FsConfig
 
 ROOT = 1
 KERNEL_FLAGS = (1 << 32) - 1  # a kernel offering every low flag
@@ -85,6 +85,9 @@ def H(nodeid=ROOT) -> P.InHeader:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path, **kw):
+    # Passthrough off unless a test asks: the fake kernel offers it, and the
+    # auto mode has tests of its own (test_init_passthrough_auto_*).
+    kw.setdefault("passthrough", "off")
     async with Filesystem.running(FsConfig(root=str(tmp_path), **kw)) as fs:
         yield fs
 
@@ -180,6 +183,55 @@ async def test_init_passthrough_negotiated(tmp_path):
         assert out[10] & (P.FUSE_PASSTHROUGH >> 32)
         assert 1 <= out[11] <= P.FILESYSTEM_MAX_STACK_DEPTH  # max_stack_depth
         assert w.d.passthrough and w.d.init.max_stack_depth == out[11]
+
+
+@pytest.mark.parametrize(
+    ("kw", "on", "why"),
+    [
+        ({}, True, "auto"),
+        ({"writeback": True}, False, "--writeback"),
+        ({"cache": "never"}, False, "--cache never"),
+        ({"read_only": True}, True, "auto"),
+        ({"cache": "always"}, True, "auto"),
+        ({"passthrough": "off"}, False, "--no-passthrough"),
+        ({"passthrough": "on", "writeback": True}, True, "--passthrough"),
+    ],
+)
+async def test_init_passthrough_auto_by_default(tmp_path, monkeypatch, kw, on, why):
+    from runtime import filesystem
+
+    monkeypatch.setattr(filesystem, "may_register_backing", lambda: True)
+    async with Filesystem.running(FsConfig(root=str(tmp_path), **kw)) as fs:
+        w = Wire(Dispatcher(fs))
+        _, out = await w.init(minor=44)
+        assert bool(out[10] & (P.FUSE_PASSTHROUGH >> 32)) == on == w.d.passthrough
+        reason = w.d.stats()["init"]["passthrough_reason"]
+        assert reason.startswith("on" if on else "off") and why in reason
+        # Not offered by the kernel: off, whatever was asked, and said so.
+        w = Wire(Dispatcher(fs))
+        _, out = await w.init(minor=38, flags2=ALL_FLAGS2 & ~(P.FUSE_PASSTHROUGH >> 32))
+        assert not w.d.passthrough and w.d.passthrough_reason.startswith("off")
+
+
+async def test_init_passthrough_auto_needs_cap_sys_admin(tmp_path, monkeypatch):
+    from runtime import filesystem
+
+    monkeypatch.setattr(filesystem, "may_register_backing", lambda: False)
+    async with Filesystem.running(FsConfig(root=str(tmp_path))) as fs:
+        w = Wire(Dispatcher(fs))
+        _, out = await w.init(minor=44)
+        assert out[10] == 0 and "CAP_SYS_ADMIN" in w.d.passthrough_reason
+        w = Wire(Dispatcher(fs, transport="virtiofs"))
+        _, out = await w.init(minor=44)
+        assert out[10] == 0 and "virtio-fs" in w.d.passthrough_reason
+
+
+def test_passthrough_modes_in_config(tmp_path):
+    assert FsConfig(root=str(tmp_path)).passthrough == "auto"
+    assert FsConfig(root=str(tmp_path), passthrough=True).passthrough == "on"
+    assert FsConfig(root=str(tmp_path), passthrough=False).passthrough == "off"
+    with pytest.raises(ConfigError):
+        FsConfig(root=str(tmp_path), passthrough="sometimes")
 
 
 async def test_init_passthrough_configured_but_not_offered(tmp_path):
