@@ -36,7 +36,9 @@ async def run(script: str) -> str:
 
 async def ops_after(src, mnt, script: str) -> dict:
     """Per-op request stats of a `--cache auto` mount after `script` ran on it."""
-    async with await mount(FsConfig(root=str(src), cache="auto"), str(mnt)) as server:
+    # Passthrough off: these count the READs and WRITEs the server itself serves.
+    config = FsConfig(root=str(src), cache="auto", passthrough=False)
+    async with await mount(config, str(mnt)) as server:
         await run(script)
         return server.stats()["requests"]["ops"]
 
@@ -107,7 +109,7 @@ async def test_writes_do_not_each_ask_for_security_capability(dirs):
 async def test_the_readahead_window_makes_reads_large(dirs, read_ahead_kb):
     src, mnt = dirs
     (src / "big").write_bytes(bytes(range(256)) * 4096 * 8)  # 8 MiB
-    config = FsConfig(root=str(src), cache="auto")
+    config = FsConfig(root=str(src), cache="auto", passthrough=False)  # READs reach us
     async with await mount(config, str(mnt), read_ahead_kb=read_ahead_kb) as server:
         conn = server.mount_info.conn
         with open(f"/sys/class/bdi/{conn >> 20}:{conn & 0xFFFFF}/read_ahead_kb") as f:

@@ -41,7 +41,11 @@ STALE_FOR = 1.0
 async def mounted(tmp_path, watch: bool):
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     mnt.mkdir()
-    server = await mount(FsConfig(root=str(src), cache="always", watch=watch), str(mnt))
+    # Passthrough off: with it the kernel reads the host file itself and file
+    # data is never stale; these check the cached path (test_passthrough_mount
+    # checks the watcher with passthrough on).
+    config = FsConfig(root=str(src), cache="always", watch=watch, passthrough=False)
+    server = await mount(config, str(mnt))
     try:
         yield server, mnt
     finally:
