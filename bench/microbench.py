@@ -6,7 +6,7 @@ Builds FUSE request frames with protocol.encode_request, submits them to a
 Dispatcher over a real Filesystem on a directory (tmpfs by default), and times
 how many of each op it answers per second with C requests in flight (C=1 is
 one synchronous client, like one process doing stat() in a loop). This is the
-number that bounds every FUSE figure in docs/BENCHMARKS.md; use it (with
+number that bounds every FUSE figure in docs/BENCHMARKS*.md; use it (with
 --profile, which needs pyinstrument) to find what is on the hot path.
 """
 

@@ -1,10 +1,12 @@
-"""The benchmark: `python3 bench/run.py [--quick] [--repeat N] [--no-guest]`.
+"""The benchmark: `python3 bench/run.py [--quick] [--all-modes] [--repeat N]`.
 
-Runs every workload (bench/workloads.py) against the plain backing directory
-and against actorfs mounts of it in each cache mode, on a fresh tmpfs (the
-server's cost) and on the disk, repeats, and writes docs/BENCHMARKS.md with
-medians, ratios to native and the server's own p50/p99 per op. The virtio-fs
-half (bench/guest.py) runs a guest against actorfs and against virtiofsd.
+By default: the issue's targets table. Every workload (bench/workloads.py)
+against native tmpfs and against actorfs with DEFAULT options (passthrough
+auto, `--cache auto`) and with `--no-passthrough`, on a fresh tmpfs, 5
+repeats, medians and ratios to native from the same run, written to
+docs/BENCHMARKS.md (about 5 minutes on a 2-CPU VM). `--all-modes`: every cache
+mode, writeback, the disk and the virtio-fs half (bench/guest.py, a guest
+against actorfs and against virtiofsd), written to docs/BENCHMARKS-modes.md.
 
 Needs root (mount, drop_caches). Each workload group gets a fresh mount and a
 fresh backing directory, so one workload's caches do not help the next.
@@ -46,22 +48,26 @@ GROUPS = [["metadata"], ["parallel"], ["seq_write", "seq_read", "rand_read"],
 TAR_SOURCES = ["/usr/lib/python3.11", "/usr/lib/python3/dist-packages"]
 
 
-def all_targets(quick: bool) -> list[Target]:
-    ts = [
+def all_targets(quick: bool, all_modes: bool = False) -> list[Target]:
+    if not all_modes:
+        ts = [
+            Target("native / tmpfs", "tmpfs", None),
+            Target(report.DEFAULT, "tmpfs", "default"),
+            Target("actorfs default, no passthrough / tmpfs", "tmpfs", "default", passthrough=False),
+        ]
+        return ts[:2] if quick else ts  # the smoke run: one of each kind
+    return [
         Target("native / tmpfs", "tmpfs", None),
+        Target(report.DEFAULT, "tmpfs", "default"),
         Target("actorfs never / tmpfs", "tmpfs", "never"),
-        Target("actorfs auto / tmpfs", "tmpfs", "auto"),
-        Target("actorfs auto, no watcher / tmpfs", "tmpfs", "auto", watch=False),
+        Target("actorfs auto, no passthrough / tmpfs", "tmpfs", "auto", passthrough=False),
+        Target("actorfs auto, no passthrough, no watcher / tmpfs", "tmpfs", "auto",
+               passthrough=False, watch=False),
         Target("actorfs always / tmpfs", "tmpfs", "always"),
         Target("actorfs writeback / tmpfs", "tmpfs", "auto", writeback=True),
-        Target("actorfs passthrough / tmpfs", "tmpfs", "auto", passthrough=True),
         Target("native / disk", "disk", None),
-        Target("actorfs auto / disk", "disk", "auto"),
-    ]
-    if quick:  # the smoke run: one of each kind
-        keep = {"native / tmpfs", "actorfs auto / tmpfs"}
-        ts = [t for t in ts if t.name in keep]
-    return ts
+        Target("actorfs default / disk", "disk", "default"),
+    ]  # fmt: skip
 
 
 def run_workload(name: str, directory: Path, params: dict) -> dict:
@@ -86,6 +92,10 @@ def fresh_tmpfs(path: Path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+# target name -> its mounts' passthrough reason (for the report's header).
+PASSTHROUGH: dict[str, str] = {}
+
+
 def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params: dict,
               log) -> list[dict]:  # fmt: skip
     """One workload group on a fresh directory (and a fresh mount): result rows."""
@@ -102,6 +112,7 @@ def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params
     mnt.mkdir(parents=True, exist_ok=True)
     with ActorfsServer(src, mnt, target.cli_args(), log=log) as srv:
         before = srv.stats()
+        PASSTHROUGH[target.name] = srv.passthrough
         for w in group:
             figures = run_workload(w, mnt, params)
             after = srv.stats()
@@ -132,8 +143,14 @@ def _root_fs() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, two targets (smoke run)")
-    ap.add_argument("--repeat", type=int, default=None, help="runs per target (default 3; 1 quick)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--all-modes", action="store_true",
+                    help="every cache mode, writeback, the disk and the guest half")  # fmt: skip
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="runs per target (default 5; 3 with --all-modes; 1 quick)")  # fmt: skip
+    ap.add_argument("--out", default=None,
+                    help="default docs/BENCHMARKS.md (docs/BENCHMARKS-modes.md with --all-modes)")
+    ap.add_argument("--conditions", default=None,
+                    help="a line for the report on the conditions of this run (machine load...)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--targets", default=None, help="comma-separated substrings of target names")
     ap.add_argument("--workloads", default=None, help="comma-separated workload names")
@@ -142,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/run.py needs root (mount, drop_caches): run it with sudo", file=sys.stderr)
         return 2
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (1 if args.quick else 3 if args.all_modes else 5)
+    if args.out is None:
+        args.out = str(REPO / "docs" / ("BENCHMARKS-modes.md" if args.all_modes else "BENCHMARKS.md"))
     params = dict(QUICK if args.quick else FULL)
-    targets = all_targets(args.quick)
+    targets = all_targets(args.quick, args.all_modes)
     if args.targets:
         want = args.targets.split(",")
         targets = [t for t in targets if t.native or any(s in t.name for s in want)]
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     params["tar"] = str(tar)
     log_path = WORK / "server.log"
     results: list[dict] = []
+    load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     started = time.monotonic()
     with open(log_path, "w") as log, fresh_tmpfs(WORK / "tmpfs") as tmpfs:
         disk = WORK / "disk"
@@ -174,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     for row in run_group(t, g, backing, WORK / "mnt", params, log):
                         results.append({"target": t.name, "repeat": r, **row})
     notes: list[str] = []
-    if not args.no_guest and not args.quick:
+    if args.all_modes and not args.no_guest and not args.quick:
         import guest
 
         g_targets, g_results, g_notes = guest.run(WORK, repeat, log)
@@ -192,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "repeat": repeat,
         "sizes": ", ".join(f"{k}={v}" for k, v in params.items() if k != "tar"),
+        "passthrough": "; ".join(f"{k}: {v}" for k, v in PASSTHROUGH.items()),
+        "conditions": args.conditions or f"Load average at the start: {load_at_start}.",
+        "elapsed": f"{time.monotonic() - started:.0f} s",
+        "command": "python3 bench/run.py" + ("".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))),
     }
     text = report.render(meta, targets, results, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

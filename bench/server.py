@@ -34,6 +34,7 @@ class ActorfsServer:
         fd, self.stats_file = tempfile.mkstemp(prefix="actorfs-bench-stats-", suffix=".json")
         os.close(fd)
         self.proc: subprocess.Popen | None = None
+        self.passthrough = ""  # the mount's passthrough reason, from its stats
 
     def __enter__(self) -> ActorfsServer:
         cmd = [*self.wrap, sys.executable, str(Path(__file__).resolve()), str(self.src),
@@ -62,7 +63,10 @@ class ActorfsServer:
         if line != "stats":
             raise RuntimeError(f"actorfs did not answer for stats: {line!r}")
         with open(self.stats_file) as f:
-            return json.load(f).get("requests", {})
+            full = json.load(f)
+        pt = full.get("passthrough") or {}
+        self.passthrough = pt.get("reason", "")
+        return full.get("requests", {})
 
     def _server_pid(self) -> int:
         with open(self.stats_file + ".pid") as f:
