@@ -27,17 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 class ActorfsServer:
     """A benchmark mount: started on enter, stats() on demand, unmounted on exit."""
 
-    def __init__(self, src: Path, mnt: Path, options: list[str], log=None, wrap: list[str] = ()):
+    def __init__(self, src: Path, mnt: Path, options: list[str], log=None, wrap: list[str] = (),
+                 python_args: list[str] = ()):  # fmt: skip
         self.src, self.mnt, self.options = src, mnt, options
         self.log = log
         self.wrap = list(wrap)  # e.g. ["py-spy", "record", "-o", "x.svg", "--"]
+        self.python_args = list(python_args)  # e.g. ["-m", "cProfile", "-o", "x.prof"]
         fd, self.stats_file = tempfile.mkstemp(prefix="actorfs-bench-stats-", suffix=".json")
         os.close(fd)
         self.proc: subprocess.Popen | None = None
         self.passthrough = ""  # the mount's passthrough reason, from its stats
 
     def __enter__(self) -> ActorfsServer:
-        cmd = [*self.wrap, sys.executable, str(Path(__file__).resolve()), str(self.src),
+        cmd = [*self.wrap, sys.executable, *self.python_args, str(Path(__file__).resolve()), str(self.src),
                str(self.mnt), self.stats_file, *self.options]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log or None,
                                      cwd=REPO, text=True, bufsize=1)  # fmt: skip
@@ -58,7 +60,7 @@ class ActorfsServer:
         """The server's MountedServer.stats(), taken now."""
         assert self.proc is not None
         # The pid to signal is the Python server's, even under a wrapper.
-        os.kill(self._server_pid(), signal.SIGUSR1)
+        os.kill(self.server_pid(), signal.SIGUSR1)
         line = self._line(30)
         if line != "stats":
             raise RuntimeError(f"actorfs did not answer for stats: {line!r}")
@@ -68,7 +70,7 @@ class ActorfsServer:
         self.passthrough = pt.get("reason", "")
         return full.get("requests", {})
 
-    def _server_pid(self) -> int:
+    def server_pid(self) -> int:
         with open(self.stats_file + ".pid") as f:
             return int(f.read())
 
@@ -76,7 +78,7 @@ class ActorfsServer:
         p = self.proc
         if p is not None and p.poll() is None:
             try:
-                os.kill(self._server_pid(), signal.SIGTERM)
+                os.kill(self.server_pid(), signal.SIGTERM)
             except (OSError, ValueError):
                 p.terminate()
             try:
