@@ -32,6 +32,7 @@ VARIANTS = {
     "--inline never": ["--inline", "never"],
     "--queues 2": ["--queues", "2"],
     "--poll 0": ["--poll", "0"],
+    "--queues 4": ["--queues", "4"],
 }
 
 
