@@ -90,8 +90,8 @@ def test_plots_chart_every_table_and_link_each_once(tmp_path):
     out.write_text(report.render(meta, targets, rows, []) + "\n")
     tables = {t.workload: t for t in plots.parse(out.read_text())}
     # ratios as the chart draws them: taller is better, 1 is native
-    assert tables["metadata"].ratios["actorfs auto / tmpfs"]["create"] == pytest.approx(0.1)
-    assert tables["small_files"].ratios["actorfs auto / tmpfs"]["extract"] == pytest.approx(0.1)
+    assert tables["metadata"].ratios["actorfs default / tmpfs"]["create"] == pytest.approx(0.1)
+    assert tables["small_files"].ratios["actorfs default / tmpfs"]["extract"] == pytest.approx(0.1)
     pngs = plots.annotate(out)
     assert [p.name for p in pngs] == ["BENCH-metadata.png", "BENCH-small_files.png"]
     for p in pngs:
