@@ -123,6 +123,21 @@ def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params
     return rows
 
 
+def vhost_cpu_section() -> str:
+    """bench/vhost_cpu.py's table: CPU per request, actorfs beside virtiofsd."""
+    p = subprocess.run([sys.executable, str(HERE / "vhost_cpu.py"), "--n", "3000", "--rounds", "3"],
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    if p.returncode != 0:
+        return f"### vhost-user CPU per request\n\nnot measured: {p.stderr.strip()[-500:]}"
+    return (
+        "### vhost-user: the server's CPU per request (bench/vhost_cpu.py)\n\n"
+        "A Python frontend plays VMM and guest driver (no guest, no KVM), one request in "
+        "flight; CPU time of the server process (all threads) per 1,000 requests. "
+        "`python3 bench/vhost_cpu.py --profile` adds cProfile call counts per request.\n\n"
+        + p.stdout.strip()
+    )
+
+
 def machine() -> str:
     model = "unknown cpu"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default=None, help="comma-separated substrings of target names")
     ap.add_argument("--workloads", default=None, help="comma-separated workload names")
     ap.add_argument("--no-guest", action="store_true", help="skip the virtio-fs half")
+    ap.add_argument("--no-vhost", action="store_true",
+                    help="skip the vhost-user CPU per request (bench/vhost_cpu.py)")  # fmt: skip
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/run.py needs root (mount, drop_caches): run it with sudo", file=sys.stderr)
@@ -201,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = targets + g_targets
         results += g_results
         notes += g_notes
+    if not args.quick and not args.no_vhost:
+        print(f"[{time.monotonic() - started:7.1f}s] vhost-user CPU per request", flush=True)
+        notes.append(vhost_cpu_section())
     notes_file = HERE / "notes.md"
     if notes_file.exists():
         notes.append(notes_file.read_text().strip())

@@ -203,6 +203,22 @@ def main() -> int:
                     rows.append((nc / total_reqs, tt, f"{Path(file).name}:{line}({fn})"))
             for per, tt, name in sorted(rows, reverse=True)[:30]:
                 print(f"  {per:6.2f} calls/request  {tt:6.3f} s own  {name}")
+            # Own time by where it is spent: the vhost-user path, the FUSE
+            # layers above it, builtins (syscalls, struct), asyncio.
+            groups: dict[str, list[float]] = {}
+            for (file, _line, fn), (_cc, nc, tt, _ct, _callers) in st.stats.items():
+                if file == "~":
+                    key = "builtins: " + (fn.split("'")[1] if "'" in fn else fn)
+                else:
+                    key = Path(file).name if "/runtime/" in file or "/actors/" in file else (
+                        "asyncio" if "asyncio" in file else "other Python")
+                g = groups.setdefault(key, [0.0, 0.0])
+                g[0] += tt
+                g[1] += nc
+            own = sum(g[0] for g in groups.values())
+            print(f"\nown time by place ({own:.2f} s in all, cProfile-inflated):")
+            for key, (tt, nc) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:22]:
+                print(f"  {tt / own:6.1%}  {nc / total_reqs:6.2f} calls/request  {key}")
     return 0
 
 
