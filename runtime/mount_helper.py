@@ -9,7 +9,7 @@ live, leaving the server in the background: what `actorfs mount` does.
 translate() turns that form into `actorfs mount SRC MNT ...`:
 - actorfs's own options, written the mount way: cache=always, symlinks=deny,
   inline=never, queues=2, poll=0, read_ahead=512, watch / no_watch, writeback,
-  passthrough, debug, log_level=info, metrics=ADDR, stats_socket=PATH,
+  passthrough / no_passthrough, debug, log_level=info, metrics=ADDR, stats_socket=PATH,
   stats_interval=N, foreground;
 - allow_other, ro (read-only) and rw;
 - options only fstab and mount(8) care about (noauto, nofail, _netdev, user,
@@ -31,7 +31,8 @@ VALUED = {"cache": "--cache", "symlinks": "--symlinks", "inline": "--inline",
           "log_level": "--log-level", "metrics": "--metrics", "stats_socket": "--stats-socket",
           "stats_interval": "--stats-interval"}  # fmt: skip
 FLAGS = {"allow_other": "--allow-other", "ro": "--read-only", "read_only": "--read-only",
-         "writeback": "--writeback", "passthrough": "--passthrough", "watch": "--watch",
+         "writeback": "--writeback", "passthrough": "--passthrough",
+         "no_passthrough": "--no-passthrough", "watch": "--watch",
          "no_watch": "--no-watch", "debug": "--debug", "foreground": "-f"}  # fmt: skip
 FSTAB_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
               "owner", "group", "rw"}  # fmt: skip
