@@ -188,7 +188,7 @@ class Filesystem:
         # FUSE passthrough: set by the /dev/fuse transport once INIT negotiated it;
         # an object with open(fd) -> backing_id and close(backing_id).
         self.backing = None
-        # nodeid -> (dev, ino, size, mtime_ns) at its last cached open: an open
+        # nodeid -> (dev, ino, size, mtime_ns, ctime_ns) at its last cached open: an open
         # that finds the same keeps the client's page cache (ops._opened).
         self.page_versions: dict[int, tuple] = {}
         self.supervisor = Supervisor()

@@ -632,7 +632,9 @@ async def _opened(
         # Keep the client's pages when the file is as it was at the last
         # cached open of this inode (FUSE_AUTO_INVAL_DATA drops them when a
         # later GETATTR shows a change).
-        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime too: a host change that puts the old mtime back (cp -p, tar,
+        # rsync -t) cannot put the old ctime back.
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if fs.page_versions.get(nodeid) == version:
             flags |= FOPEN_KEEP_CACHE
         else:

@@ -60,14 +60,19 @@ async def test_warm_re_read_sends_no_read(dirs):
     (src / "f").write_bytes(data)
     async with await mount(config(src), str(mnt)) as server:
         first = await run(READ_ALL, str(mnt / "f"))
-        cold = reads(server)
-        assert cold > 0
+        assert reads(server) > 0
         # Each run is a new process and a new open; the attribute timeout may
         # pass in between: the kernel then asks GETATTR, sees no change, keeps
-        # its pages.
-        for _ in range(3):
-            assert await run(READ_ALL, str(mnt / "f")) == first
-        assert reads(server) == cold, "a warm re-read went to the server"
+        # its pages. A page cache dropped by someone else (drop_caches, memory
+        # pressure) costs READs too, so one clean attempt in three is asked.
+        for _attempt in range(3):
+            cold = reads(server)
+            for _ in range(3):
+                assert await run(READ_ALL, str(mnt / "f")) == first
+            if reads(server) == cold:
+                break
+        else:
+            raise AssertionError("every warm re-read went to the server")
         # The client's own write changes the file: the next open starts afresh
         # and reads what was written.
         await run("import sys; f = open(sys.argv[1], 'r+b'); f.seek(10); f.write(b'W' * 10)", str(mnt / "f"))
@@ -121,3 +126,23 @@ async def test_host_overwrite_of_the_same_size_is_seen(dirs):
         done.touch()
         assert (await reader).strip() == "seen"
         assert timeout > 0
+
+
+async def test_host_overwrite_that_puts_the_mtime_back_is_seen(dirs):
+    # cp -p, tar and rsync -t set the old mtime again: the ctime still moves.
+    src, mnt = dirs
+    f = src / "f"
+    f.write_bytes(b"a" * SIZE)
+    async with await mount(config(src), str(mnt)):
+        first = await run("import sys; print(open(sys.argv[1], 'rb').read(8))", str(mnt / "f"))
+        assert first.strip() == "b'aaaaaaaa'"
+        before = os.stat(f)
+        with open(f, "r+b") as w:
+            w.write(b"c" * SIZE)
+        os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(f)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        # The very next open: the kernel would keep its pages for a day's
+        # worth of reopens otherwise (it compares only size and mtime).
+        out = await run("import sys; print(open(sys.argv[1], 'rb').read(8))", str(mnt / "f"))
+        assert out.strip() == "b'cccccccc'", "a reopen kept the old pages"
