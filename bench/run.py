@@ -123,6 +123,19 @@ def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params
     return rows
 
 
+def _shown_args(argv: list[str]) -> str:
+    """The command line for the report, without --conditions (shown on its own)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--conditions":
+            skip = True
+        elif not a.startswith("--conditions="):
+            out.append(a)
+    return "".join(f" {a}" for a in out)
+
+
 def vhost_cpu_section() -> str:
     """bench/vhost_cpu.py's table: CPU per request, actorfs beside virtiofsd."""
     p = subprocess.run([sys.executable, str(HERE / "vhost_cpu.py"), "--n", "3000", "--rounds", "3"],
@@ -235,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "passthrough": "; ".join(f"{k}: {v}" for k, v in PASSTHROUGH.items()),
         "conditions": args.conditions or f"Load average at the start: {load_at_start}.",
         "elapsed": f"{time.monotonic() - started:.0f} s",
-        "command": "python3 bench/run.py" + ("".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))),
+        "command": "python3 bench/run.py" + _shown_args(argv if argv is not None else sys.argv[1:]),
     }
     text = report.render(meta, targets, results, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
