@@ -243,7 +243,9 @@ def render(meta: dict, targets: list[Target], results: list[dict], notes: list[s
         "# actorfs benchmarks",
         "",
         f"Written by `{meta.get('command', 'python3 bench/run.py')}` (do not edit by hand; "
-        "notes below the tables come from bench/notes.md).",
+        "notes below the tables come from bench/notes.md). To measure again, as root: "
+        "`python3 bench/run.py`, one command for everything below (about 5-8 minutes on a "
+        "quiet 2-CPU VM; run it on a quiet machine, the ratios move with the load).",
         "",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}",
