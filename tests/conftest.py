@@ -8,6 +8,14 @@ for p in (ROOT, os.path.join(ROOT, "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+# Root's tools the tests run (modprobe and depmod for the guest image, losetup,
+# mkfs.ext4) live in the sbin directories, which a CI runner's PATH may lack.
+_path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+for _d in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
+    if _d not in _path and os.path.isdir(_d):
+        _path.append(_d)
+os.environ["PATH"] = os.pathsep.join(_path)
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover
