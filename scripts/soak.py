@@ -213,8 +213,15 @@ async def run(args) -> dict:
         for d in ("shared", "stress"):
             await asyncio.to_thread(shutil.rmtree, os.path.join(mnt, d), True)
         dropped = await asyncio.to_thread(drop_caches)
-        await asyncio.sleep(2)
-        after = await sample(server)
+        # The kernel's FORGETs follow the eviction; poll (bounded) rather than
+        # trust a fixed sleep on a loaded machine. A leak stays a leak.
+        deadline = time.monotonic() + 30
+        while True:
+            await asyncio.sleep(1)
+            after = await sample(server)
+            settled = after["inodes"] <= baseline["inodes"] and after["handles"] == 0
+            if settled or time.monotonic() > deadline:
+                break
         clients_out = []
         for c, (out, err) in zip(clients, results, strict=True):
             last = (out.decode().strip().splitlines() or ["{}"])[-1]
