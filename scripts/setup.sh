@@ -16,6 +16,14 @@ if ((${#missing[@]})); then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 modprobe fuse 2>/dev/null || true
-python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+# Debian's own python3 has no pip until python3-pip is installed.
+python3 -m pip --version >/dev/null 2>&1 || apt-get install -y -qq python3-pip >/dev/null
+pip_install() {
+    python3 -m pip install -q --disable-pip-version-check "$@" && return
+    # Debian's own python3 refuses with "externally-managed-environment"
+    # (PEP 668); this is a dedicated machine: install into it anyway.
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
+}
+pip_install -e '.[test,bench]'
 # The coverage-guided fuzzer (a short run is part of the tests).
-python3 -m pip install -q --disable-pip-version-check atheris
+pip_install atheris
