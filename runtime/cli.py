@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs as root and neither of those options is given")  # fmt: skip
     m.add_argument("--no-passthrough", dest="passthrough", action="store_const", const="off",
                    help="never use FUSE passthrough")  # fmt: skip
-    m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users use the mount (a root server creates and changes "
+                        "things with their credentials: the host kernel checks them)")  # fmt: skip
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--queues", type=_queues, metavar="N",
                    help="/dev/fuse queues (cloned fds) to read from (default 1)")  # fmt: skip

@@ -52,13 +52,22 @@ _NR = _SYSCALLS.get(platform.machine())
 _INVALID = 0xFFFFFFFF  # (uid_t)-1: never a valid id, so setfs*id(-1) only reads back
 MAX_GROUPS = 65536  # NGROUPS_MAX
 
+
+def _prototype(*argtypes):
+    """syscall(2) with fixed argument types: a new function object each (CDLL's
+    item access does not cache), so no per-call argument conversion objects."""
+    f = _libc["syscall"]
+    f.restype = ctypes.c_long
+    f.argtypes = [ctypes.c_long, *argtypes]
+    return f
+
+
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
-    _syscall = _libc.syscall
-    _syscall.restype = ctypes.c_long
+    _sys_id = _prototype(ctypes.c_uint)  # setfsuid, setfsgid
+    _sys_groups = _prototype(ctypes.c_size_t, ctypes.c_void_p)  # getgroups, setgroups
 except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
-    _syscall = None
-
+    _libc = None
 
 class Creds(NamedTuple):
     """Who a syscall runs as. pid > 0: take supplementary groups from that
@@ -71,20 +80,21 @@ class Creds(NamedTuple):
 
 def available() -> bool:
     """Whether this process can switch: Linux on a known architecture, as root."""
-    return _syscall is not None and _NR is not None and os.geteuid() == 0
+    return _libc is not None and _NR is not None and os.geteuid() == 0
 
 
-def _sys(name: str, *args) -> int:
-    return _syscall(ctypes.c_long(_NR[name]), *args)
+_NR_SETFSUID = _NR["setfsuid"] if _NR else -1
+_NR_SETFSGID = _NR["setfsgid"] if _NR else -1
 
 
 def setfsuid(uid: int) -> int:
     """Raw setfsuid(2): the previous fsuid of this thread."""
-    return _sys("setfsuid", ctypes.c_uint(uid & 0xFFFFFFFF))
+    return _sys_id(_NR_SETFSUID, uid & 0xFFFFFFFF)
 
 
 def setfsgid(gid: int) -> int:
-    return _sys("setfsgid", ctypes.c_uint(gid & 0xFFFFFFFF))
+    """Raw setfsgid(2): the previous fsgid of this thread."""
+    return _sys_id(_NR_SETFSGID, gid & 0xFFFFFFFF)
 
 
 def getfsuid() -> int:
@@ -98,17 +108,17 @@ def getfsgid() -> int:
 def setgroups(groups) -> None:
     """Raw setgroups(2): this thread only."""
     arr = (ctypes.c_uint * max(1, len(groups)))(*groups)
-    if _sys("setgroups", ctypes.c_size_t(len(groups)), arr) != 0:
+    if _sys_groups(_NR["setgroups"], len(groups), ctypes.addressof(arr)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
 
 def getgroups() -> tuple[int, ...]:
     """Raw getgroups(2) of this thread."""
-    n = _sys("getgroups", ctypes.c_int(0), None)
+    n = _sys_groups(_NR["getgroups"], 0, None)
     arr = (ctypes.c_uint * max(1, n))()
     if n > 0:
-        n = _sys("getgroups", ctypes.c_int(n), arr)
+        n = _sys_groups(_NR["getgroups"], n, ctypes.addressof(arr))
     if n < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -120,27 +130,37 @@ def groups_of(pid: int, uid: int, gid: int) -> tuple[int, ...]:
     if pid <= 0:
         return ()
     try:
-        with open(b"/proc/%d/status" % pid, "rb") as f:
-            text = f.read()
+        fd = os.open(b"/proc/%d/status" % pid, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ()
-    fsuid = fsgid = None
-    groups: tuple[int, ...] = ()
-    for line in text.split(b"\n"):
-        if line.startswith(b"Uid:"):
-            fields = line.split()
-            fsuid = int(fields[4]) if len(fields) == 5 else None
-        elif line.startswith(b"Gid:"):
-            fields = line.split()
-            fsgid = int(fields[4]) if len(fields) == 5 else None
-        elif line.startswith(b"Groups:"):
-            try:
-                groups = tuple(int(g) for g in line.split()[1:])
-            except ValueError:
-                return ()
-    if fsuid != uid or fsgid != gid:
+    try:
+        text = os.read(fd, 1 << 16)
+    except OSError:
+        return ()
+    finally:
+        os.close(fd)
+    # "Uid:\treal\teffective\tsaved\tfs": a FUSE request carries the fs ids.
+    if _field(text, b"\nUid:", 3) != uid or _field(text, b"\nGid:", 3) != gid:
         return ()  # not (or no longer) the requester
-    return groups[:MAX_GROUPS]
+    i = text.find(b"\nGroups:")
+    if i < 0:
+        return ()
+    line = text[i + 8 : text.find(b"\n", i + 8)]
+    try:
+        return tuple(int(g) for g in line.split())[:MAX_GROUPS]
+    except ValueError:
+        return ()
+
+
+def _field(text: bytes, key: bytes, n: int) -> int | None:
+    i = text.find(key)
+    if i < 0:
+        return None
+    fields = text[i + len(key) : text.find(b"\n", i + 1)].split()
+    try:
+        return int(fields[n])
+    except (IndexError, ValueError):
+        return None
 
 
 class _Server(NamedTuple):
