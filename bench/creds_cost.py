@@ -76,7 +76,9 @@ def main() -> None:
     for inline in ("never", "always"):
         a = asyncio.run(op_pair_us(inline, root, n // 20))
         b = asyncio.run(op_pair_us(inline, nobody, n // 20))
-        print(f"MKDIR+RMDIR inline={inline:6}  root {a:7.1f} us   uid 65534 {b:7.1f} us  ({b / a:.2f}x)")
+        print(
+            f"MKDIR+RMDIR inline={inline:6}  root {a:7.1f} us   uid 65534 {b:7.1f} us  ({b / a:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ try:
 except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
     _libc = None
 
+
 class Creds(NamedTuple):
     """Who a syscall runs as. pid > 0: take supplementary groups from that
     process (while it still has uid/gid); pid 0: no supplementary groups."""
@@ -98,6 +99,9 @@ def setfsgid(gid: int) -> int:
 
 
 def getfsuid() -> int:
+    """This thread's fsuid (the effective uid where the syscall is unknown)."""
+    if _libc is None or _NR is None:
+        return os.geteuid()
     return setfsuid(_INVALID)
 
 

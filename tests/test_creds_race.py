@@ -59,7 +59,9 @@ USER_LOOP = textwrap.dedent(
 
 
 def _run(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    return subprocess.run(
+        cmd, check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
 
 
 @contextlib.contextmanager
@@ -170,7 +172,9 @@ def _race(root: str, mnt: str, *options: str) -> None:
         st = os.fstat(held)
     finally:
         os.close(held)
-    assert not given_away, f"root's file given away: uid {given_away[0].st_uid} mode {oct(given_away[0].st_mode)}"
+    assert not given_away, (
+        f"root's file given away: uid {given_away[0].st_uid} mode {oct(given_away[0].st_mode)}"
+    )
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
     # The race really ran: the user made objects and root's file moved under them.
     assert made > 0 and swaps[0] > 0, (tries, made, swaps[0])
