@@ -67,7 +67,7 @@ def _run(*cmd: str) -> str:
 @contextlib.contextmanager
 def ext4_image(base: str):
     """An ext4 filesystem in a loop-mounted image file under base; yields its mountpoint."""
-    if not os.path.exists("/dev/loop-control") or shutil.which("losetup") is None:
+    if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop devices on this machine")
     img, mnt = os.path.join(base, "ext4.img"), os.path.join(base, "ext4")
     os.mkdir(mnt)
