@@ -631,13 +631,15 @@ class InodeTable(Actor):
             handle, mnt = None, -1
         return handle, mnt, syscalls.birth_time(fd)
 
-    def _same(self, ino: Inode, fd: int, st: os.stat_result | None = None) -> bool:
-        """Whether fd is ino's very object: (st_dev, st_ino), kind, handle, birth time."""
+    def _same(self, ino: Inode, fd: int, st: os.stat_result | None = None, by_handle: bool = False) -> bool:
+        """Whether fd is ino's very object: (st_dev, st_ino), kind, handle, birth time.
+        by_handle: fd came from the inode's own handle, which names one object
+        (generation included): the handle and birth time need no second look."""
         if st is None:
             st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != ino.key or kind_of_mode(st.st_mode) != ino.kind:
             return False
-        if ino.ident is None:
+        if ino.ident is None or by_handle:
             return True  # never evicted: the held fd pinned the number to this object
         handle, _mnt, btime = ino.ident
         now = self._identify(fd, ino.kind)
@@ -677,11 +679,12 @@ class InodeTable(Actor):
         return fd
 
     def _verified(self, ino: Inode, fd: int, gone: bool) -> None:
-        """ESTALE (fd closed) unless fd is ino's object. gone=True: the object is
-        known to be dead (its handle led elsewhere); else only this name moved
-        on, and a later lookup that finds the object takes it up again."""
+        """ESTALE (fd closed) unless fd is ino's object. gone=True (fd came from
+        the inode's handle): a mismatch means the object is dead; else only
+        this name moved on, and a later lookup that finds the object takes it
+        up again."""
         try:
-            same = self._same(ino, fd)
+            same = self._same(ino, fd, by_handle=gone)
         except OSError:
             same = False
         if not same:

@@ -52,7 +52,8 @@ def make_files(root: str, n: int, per_dir: int = 1000) -> list[str]:
     return names
 
 
-async def getattr_rate(root: str, n: int, cache: int, handles: bool, seconds: float) -> tuple:
+async def op_rates(root: str, n: int, cache: int, handles: bool, seconds: float) -> tuple:
+    """(GETATTR/s, OPEN+RELEASE/s, hit rate) over n files, random order."""
     cfg = FsConfig(root=root, fd_cache=cache, file_handles=None if handles else False, inline="always")
     async with Filesystem.running(cfg) as fs:
         dirs = {}
@@ -73,10 +74,20 @@ async def getattr_rate(root: str, n: int, cache: int, handles: bool, seconds: fl
             order = order[2000:] + order[:2000]
         rate = done / (time.perf_counter() - t0)
         s = fs.inodes.stats()
-        return rate, s["hits"] - s0["hits"], s["misses"] - s0["misses"]
+        hits, misses = s["hits"] - s0["hits"], s["misses"] - s0["misses"]
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for nid in order[:1000]:
+                o = await ops.open(fs, CTX, nid, os.O_RDONLY)
+                await ops.release(fs, CTX, nid, o.fh)
+            done += 1000
+            order = order[1000:] + order[:1000]
+        opens = done / (time.perf_counter() - t0)
+        return rate, opens, hits / max(hits + misses, 1)
 
 
-def native_stat_rate(paths: list[str], seconds: float) -> float:
+def native_rates(paths: list[str], seconds: float) -> tuple[float, float]:
+    """(lstat/s, open+close/s) of the same files, random order."""
     rnd = random.Random(1)
     order = [rnd.choice(paths) for _ in range(1 << 16)]
     done, t0 = 0, time.perf_counter()
@@ -85,7 +96,14 @@ def native_stat_rate(paths: list[str], seconds: float) -> float:
             os.lstat(p)
         done += 2000
         order = order[2000:] + order[:2000]
-    return done / (time.perf_counter() - t0)
+    stats = done / (time.perf_counter() - t0)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for p in order[:1000]:
+            os.close(os.open(p, os.O_RDONLY))
+        done += 1000
+        order = order[1000:] + order[:1000]
+    return stats, done / (time.perf_counter() - t0)
 
 
 class Peak:
@@ -111,7 +129,7 @@ class Peak:
         self._t.join(5)
 
 
-def mounted_find(src: str, mnt: str, limit: int | None) -> tuple[float, int, int, int]:
+def mounted_find(src: str, mnt: str, limit: int | None) -> tuple[float, int, int, int, int]:
     cmd = [sys.executable, "-m", "runtime.cli", "mount", src, mnt, "-f"]
     if limit:
         cmd = ["prlimit", f"--nofile={limit}:{limit}", *cmd]
@@ -121,13 +139,14 @@ def mounted_find(src: str, mnt: str, limit: int | None) -> tuple[float, int, int
         for line in p.stderr:
             if "serving" in line:
                 break
+        else:
+            raise RuntimeError(f"the server did not mount (status {p.wait()})")
         peak = Peak(p.pid)
         t0 = time.perf_counter()
         r = subprocess.run(["find", mnt], capture_output=True, text=True)
         elapsed = time.perf_counter() - t0
         peak.stop()
-        errors = len(r.stderr.splitlines())
-        return elapsed, peak.rss, peak.fds, errors + (r.stdout.count("\n") == 0)
+        return elapsed, peak.rss, peak.fds, len(r.stderr.splitlines()), r.stdout.count("\n")
     finally:
         p.terminate()
         p.wait(60)
@@ -148,38 +167,40 @@ def main() -> int:
     out = []
     try:
         paths = make_files(src, args.files)
-        native = native_stat_rate(paths, args.seconds)
-        out.append(f"GETATTR at the op layer over {args.files:,} files, uniform random; "
-                   f"native lstat: {native:,.0f}/s.\n")  # fmt: skip
-        out.append("| cache | by handle (/s, x native) | hit rate | by name (/s, x native) | hit rate |")
+        nstat, nopen = native_rates(paths, args.seconds)
+        out.append(f"GETATTR and OPEN+RELEASE at the op layer (no kernel) over {args.files:,} "
+                   f"files in random order; native lstat {nstat:,.0f}/s, open+close "
+                   f"{nopen:,.0f}/s. In brackets: the ratio to native.\n")  # fmt: skip
+        out.append("| cache | reopen | GETATTR/s | OPEN+RELEASE/s | hit rate |")
         out.append("|---|---|---|---|---|")
         for pct in (100, 10, 1):
             cache = max(1, args.files * pct // 100 + (8 if pct == 100 else 0))
-            row = [f"{pct}% ({cache:,} fds)"]
             for handles in (True, False):
-                rate, hits, misses = asyncio.run(
-                    getattr_rate(src, args.files, cache, handles, args.seconds)
+                rate, opens, hit = asyncio.run(
+                    op_rates(src, args.files, cache, handles, args.seconds)
                 )
-                row += [f"{rate:,.0f} ({rate / native:.3f})", f"{hits / max(hits + misses, 1):.0%}"]
-            out.append("| " + " | ".join(row) + " |")
+                out.append(f"| {pct}% ({cache:,} fds) | {'handle' if handles else 'name'} | "
+                           f"{rate:,.0f} ({rate / nstat:.3f}) | {opens:,.0f} ({opens / nopen:.3f}) "
+                           f"| {hit:.0%} |")  # fmt: skip
         for d in os.listdir(src):
             shutil.rmtree(os.path.join(src, d))
         make_files(src, args.tree, per_dir=2000)
         t0 = time.perf_counter()
-        subprocess.run(["find", src], capture_output=True, check=True)
+        entries = subprocess.run(["find", src], capture_output=True, check=True).stdout.count(b"\n")
         native_find = time.perf_counter() - t0
         mnt = os.path.join(base, "mnt")
         os.mkdir(mnt)
         out.append(f"\n`find` over {args.tree:,} files (tmpfs); native: {native_find:.2f} s.\n")
-        out.append("| server fd limit | time (s, x native) | peak RSS | peak fds | errors |")
-        out.append("|---|---|---|---|---|")
+        out.append("| server fd limit | time (s, x native) | peak RSS | peak fds | errors | entries |")
+        out.append("|---|---|---|---|---|---|")
         default = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         for limit in (args.limit, None):
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("2\n")
-            elapsed, rss, fds, errors = mounted_find(src, mnt, limit)
+            elapsed, rss, fds, errors, found = mounted_find(src, mnt, limit)
             out.append(f"| {limit or f'{default:,} (hard limit)'} | {elapsed:.2f} "
-                       f"({elapsed / native_find:.1f}) | {rss >> 20} MiB | {fds} | {errors} |")  # fmt: skip
+                       f"({elapsed / native_find:.1f}) | {rss >> 20} MiB | {fds} | {errors} "
+                       f"| {found:,} of {entries:,} |")  # fmt: skip
     finally:
         subprocess.run(["umount", "-l", src], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
