@@ -111,7 +111,7 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
                     os.close(fd)
                     fd = tfd
                     st = os.fstat(fd)
-            elif policy == "deny" and _leaves_root(pfd, name, root):
+            elif policy == "deny" and _leaves_root(pfd, fd, root):
                 raise FsError(errno.EACCES, "symlink points outside the root")
             # opaque: a link is an object like any other, whatever its target
             # says. The server never follows one (every object is reached
@@ -124,8 +124,10 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
         raise
 
 
-def _leaves_root(pfd: int, name: bytes, root: bytes) -> bool:
-    """Whether the symlink parent/name, read as text, would lead out of the root.
+def _leaves_root(pfd: int, fd: int, root: bytes) -> bool:
+    """Whether the symlink behind the O_PATH fd (found in the directory pfd),
+    read as text, would lead out of the root. The text is read through fd, so
+    it is that link's, not whatever the name holds by now.
 
     Decided lexically (`--symlinks deny`): the target is read, never resolved,
     so nothing outside the root (this server's own mount included) is looked
@@ -137,9 +139,9 @@ def _leaves_root(pfd: int, name: bytes, root: bytes) -> bool:
     """
     base = root.rstrip(b"/")
     try:
-        target = os.readlink(name, dir_fd=pfd)
+        target = os.fsencode(os.readlink("", dir_fd=fd))
     except OSError:
-        return False  # gone or replaced meanwhile: not a link any more
+        return False
     if target.startswith(b"/"):
         if base and target != base and not target.startswith(base + b"/"):
             return True
