@@ -27,7 +27,6 @@ import importlib
 import inspect
 import logging
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -117,8 +116,12 @@ INTERRUPTIBLE = frozenset(
     }
 )
 
-# How long an interruptible request may run before an INTERRUPT abandons it.
-INTERRUPT_GRACE = 0.25
+# How long an interruptible request may still run after its INTERRUPT reached
+# us before it is abandoned (EINTR). Counted from the INTERRUPT: a server
+# descheduled under load reads requests and INTERRUPTs late, and a request is
+# not stuck for that. A kernel filesystem's stat never fails with EINTR, so this
+# errs on the side of finishing; a really stuck request still ends within it.
+INTERRUPT_GRACE = 1.0
 
 # Replied ENOSYS without running anything: the kernel then stops asking (or,
 # for locks, never asks: we do not advertise them) and falls back.
@@ -147,14 +150,14 @@ _ORPHAN_INTERRUPTS = 256  # interrupts whose target has not arrived yet (bounded
 class _Flight:
     """One request in flight: its task and whether an INTERRUPT hit it."""
 
-    __slots__ = ("opcode", "task", "started", "interrupted", "born")
+    __slots__ = ("opcode", "task", "started", "interrupted", "signalled")
 
     def __init__(self, opcode: int):
         self.opcode = opcode
         self.task: asyncio.Task | None = None
         self.started = False
         self.interrupted = False
-        self.born = time.monotonic()
+        self.signalled = False  # an INTERRUPT came: abandoned if still running later
 
 
 @dataclass(slots=True)
@@ -459,12 +462,12 @@ class Dispatcher:
         # The kernel sends INTERRUPT whenever the waiting process gets a signal
         # (SIGCHLD, SIGALRM...). A request that is merely quick is left to
         # finish: a kernel filesystem's stat or read does not fail with EINTR
-        # because a signal arrived. Only a request still running after the
-        # grace period is really stuck, and that one is abandoned with EINTR.
-        age = time.monotonic() - flight.born
-        if age < INTERRUPT_GRACE:
+        # because a signal arrived. Only a request still running a grace period
+        # after its INTERRUPT is really stuck, and that one is abandoned (EINTR).
+        if not flight.signalled:
+            flight.signalled = True
             asyncio.get_running_loop().call_later(
-                INTERRUPT_GRACE - age, self._interrupt_late, target, flight
+                INTERRUPT_GRACE, self._interrupt_late, target, flight
             )
             return
         flight.interrupted = True
@@ -472,12 +475,10 @@ class Dispatcher:
         # it now would skip its body, and with it the EINTR reply.
         if flight.started and flight.task is not None:
             # Not at once: the task that finishes an eagerly started request
-            # (runtime/eager.py) may not have taken its first step yet (the
-            # reader read this INTERRUPT without a turn of the loop, e.g. after
-            # being descheduled past the grace period). Cancelled then, it would
-            # die before resuming the request: no reply ever, and the caller
-            # stuck for good. Its first step is already queued, so a callback
-            # queued now runs after it.
+            # (runtime/eager.py) might not have taken its first step yet, and
+            # cancelled then it would die before resuming the request: no reply
+            # ever, and the caller stuck for good. Its first step is already
+            # queued, so a callback queued now runs after it.
             asyncio.get_running_loop().call_soon(self._cancel_flight, target, flight)
 
     def _cancel_flight(self, target: int, flight: _Flight) -> None:

@@ -572,6 +572,24 @@ async def test_interrupt_past_the_grace_before_the_request_task_first_ran(tmp_pa
         assert await _one_reply(w, target) == -errno.EINTR
 
 
+async def test_an_interrupt_read_late_does_not_abandon_a_request_that_then_finishes(tmp_path):
+    """The server is descheduled (load) for longer than the grace between reading
+    a request and reading its INTERRUPT; the request then finishes at once. It is
+    not stuck, so it must not be answered EINTR (stat(2) never fails so on a
+    kernel filesystem): the grace counts from the INTERRUPT, not the request."""
+    async with running(tmp_path) as fs:
+        gate, started = asyncio.Event(), asyncio.Event()
+        w = Wire(Dispatcher(fs, ops=slow_ops(gate, started)))
+        await w.init()
+        target = await w.submit(P.Read(h=H(), fh=1, size=10))
+        time.sleep(INTERRUPT_GRACE + 0.05)  # the server was not scheduled meanwhile
+        await w.submit(P.Interrupt(h=P.InHeader(unique=target | 1), unique=target))
+        await asyncio.sleep(0)
+        gate.set()  # the request goes on as soon as the server runs again
+        await asyncio.wait_for(w.d.drain(), 10)
+        assert await _one_reply(w, target) == 0
+
+
 async def test_interrupt_before_the_request_arrives(tmp_path):
     async with running(tmp_path) as fs:
         gate, started = asyncio.Event(), asyncio.Event()
