@@ -206,11 +206,13 @@ class QueueRunner:
         if length < len(frame):
             frame = frame[:length]  # the decoder wants exactly fuse_in_header.len bytes
         if opcode in protocol.NO_REPLY_OPCODES:
-            # No reply will come: hand back the buffers now, and a copy to the dispatcher
-            # since the guest may reuse them at once.
+            # No reply will come: hand back the buffers now, and a copy to the dispatcher.
+            # The copy is taken first: once the head is back, the guest may reuse the
+            # buffer at once (even before we next run).
+            frame = bytes(frame)
             self._complete(chain.head, 0)
             dispatcher = await self.conn.dispatcher_for(opcode)
-            await dispatcher.submit(bytes(frame), _no_reply)
+            await dispatcher.submit(frame, _no_reply)
             return
         unique = _UNIQUE.unpack_from(frame, 8)[0]
         generation = vq.generation
@@ -240,7 +242,13 @@ class QueueRunner:
             # The queue stops while the request waits (for a new session, or for room
             # in the dispatcher): answer it, which also keeps the in-flight count exact.
             send(protocol.reply_error(unique, errno.EIO))
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Not our cancellation: the request's own first step (run in this task,
+            # runtime/eager.py) ended with one. Only that request fails.
+            log.warning("queue %d: request %d was cancelled from within; answered EIO",
+                        vq.index, unique)
         except Exception:
             log.exception("queue %d: dispatch failed", vq.index)
             send(protocol.reply_error(unique, errno.EIO))
@@ -258,7 +266,12 @@ class QueueRunner:
             self.idle.set()
 
     def _complete(self, head: int, written: int) -> None:
+        dropped = self.vq.dropped_pushes
         self.vq.push(head, written)
+        n = self.vq.dropped_pushes
+        if n != dropped and (n <= 10 or n % 1000 == 0):
+            log.warning("queue %d: head %d was not in flight; its completion is dropped "
+                        "(%d so far)", self.vq.index, head, self.vq.dropped_pushes)
         if not self.notify_pending:
             # One interrupt for every reply that completes in this loop iteration.
             self.notify_pending = True

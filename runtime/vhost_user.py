@@ -407,6 +407,9 @@ class VhostUserBackend:
     async def _set_vring_base(self, msg: Message) -> bool:
         index, base = _VRING_STATE.unpack_from(msg.payload)
         vq = self.queue(index)
+        if vq.ready:
+            # Moving last_avail under a running ring would pop chains a second time.
+            raise ValueError(f"queue {index}: SET_VRING_BASE while the ring runs")
         vq.last_avail = base & 0xFFFF
         return True
 

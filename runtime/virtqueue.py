@@ -143,6 +143,11 @@ class Virtqueue:
         self.broken = False
         self.event_idx = False
         self.generation = 0  # bumped on every stop/reset: late replies are dropped
+        # Heads popped and not yet pushed back. A head is pushed at most once per
+        # pop: a second push (a bug, or a late reply after a re-map) would make
+        # the driver see an id that is not a head, which breaks its whole ring.
+        self.held: set[int] = set()
+        self.dropped_pushes = 0
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
@@ -224,6 +229,12 @@ class Virtqueue:
             self._break(f"chain head {head} outside a queue of {self.num}")
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         chain = Chain(head)
+        if head in self.held:
+            # The driver published a head it has not got back yet: its own ring
+            # is corrupt. The chain is answered once, never twice.
+            chain.error = f"chain head {head} is already in flight"
+            return chain
+        self.held.add(head)
         try:
             self._walk(chain)
         except (ChainError, GuestMemoryError) as exc:
@@ -282,9 +293,17 @@ class Virtqueue:
 
     # -- used ring ---------------------------------------------------------
     def push(self, head: int, written: int) -> None:
-        """Publish one used element: the element first, then used.idx (store order)."""
+        """Publish one used element: the element first, then used.idx (store order).
+
+        Only a head that was popped and not pushed since; any other is dropped
+        (and counted), so the driver never sees an id that is not a head.
+        """
+        if head not in self.held:
+            self.dropped_pushes += 1
+            return
         if not self.intact():
             return
+        self.held.discard(head)
         slot = self.used_idx % self.num
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
@@ -336,6 +355,7 @@ class Virtqueue:
         """GET_VRING_BASE: stop the ring; returns the next available index to process."""
         self.started = False
         self.generation += 1
+        self.held.clear()  # what was in flight is never pushed to this ring again
         self.unmap_rings()
         return self.last_avail
 

@@ -11,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
+from runtime import vhost_server
 from runtime import vhost_user as vu
 from runtime.filesystem import FsConfig
+from runtime.guest_memory import GuestMemory
 from runtime.vhost_server import Connection, SocketInUse, bind_socket, serve_vhost_user
+from runtime.virtqueue import Virtqueue
 from tests.vhost_frontend import (
     DESC,
     F_INDIRECT,
@@ -34,6 +39,7 @@ from tests.vhost_frontend import (
 
 ECHO = 4000  # an opcode the echo dispatcher answers with the request body
 BIG = 4001  # answered with 64 KiB: more than the tests' writable buffers
+SELF_CANCELLING = 4002  # its first step ends with CancelledError, as a request's own may
 FORGET = 2
 
 
@@ -50,6 +56,8 @@ class EchoDispatcher:
         length, opcode, unique = struct.unpack_from("<IIQ", frame)
         if opcode == FORGET:
             return
+        if opcode == SELF_CANCELLING:
+            raise asyncio.CancelledError
         body = frame[IN_HEADER.size:] if opcode == ECHO else b"x" * 65536
         task = asyncio.get_running_loop().create_task(self._reply(unique, body, send))
         self.tasks.add(task)
@@ -283,6 +291,88 @@ def test_forget_on_hiprio_returns_the_buffer(echo_server):
     assert hq.wait_used() == [(head, 0)]
     fe.get_u64(vu.GET_FEATURES)  # a round trip: the dispatcher has had its turn
     assert echo_server.dispatchers[-1].frames[-1] == hdr + body
+
+
+def test_forget_frame_is_copied_before_its_buffer_goes_back(echo_server, monkeypatch):
+    """The guest may reuse a FORGET's buffer as soon as it has the head back: the
+    dispatcher must get the frame as published, whatever the guest writes after."""
+    real = vhost_server.Connection.dispatcher_for
+
+    async def slow_dispatcher_for(self, opcode):
+        await asyncio.sleep(0.3)  # e.g. a new FUSE session on its way
+        return await real(self, opcode)
+
+    monkeypatch.setattr(vhost_server.Connection, "dispatcher_for", slow_dispatcher_for)
+    fe = echo_server()
+    fe.start()
+    hq = fe.queues[0]
+    body = struct.pack("<Q", 1)
+    hdr = IN_HEADER.pack(IN_HEADER.size + 8, FORGET, 0, 5, 0, 0, 0, 0, 0)
+    head, _ = hq.add_chain([hdr + body], [])  # one buffer: the backend reads it in place
+    assert hq.wait_used() == [(head, 0)]
+    addr = DESC.unpack(fe.read(hq.desc + 16 * head, 16))[0]
+    fe.write(addr, b"\xee" * IN_HEADER.size)  # the guest reuses the buffer at once
+    deadline = time.monotonic() + 10
+    while not echo_server.dispatchers[-1].frames and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert echo_server.dispatchers[-1].frames == [hdr + body]
+
+
+def test_a_request_cancelled_from_within_fails_alone(echo_server):
+    """A CancelledError out of a request's own first step is that request's failure:
+    it gets EIO and the queue goes on (it used to end the queue's runner silently)."""
+    fe = echo_server()
+    fe.start()
+    q = fe.queues[1]
+    error, _ = q.fuse(SELF_CANCELLING, 1, b"", reply_size=16)
+    assert error == -errno.EIO
+    assert echo(q, b"still served") == b"still served"
+
+
+def test_set_vring_base_on_a_running_ring_is_refused(echo_server):
+    """Moving last_avail back under a running ring would serve chains twice: the
+    driver would see heads completed twice ("id N is not a head") and stop."""
+    fe = echo_server()
+    fe.start()
+    q = fe.queues[1]
+    for _ in range(3):
+        echo(q, b"abc")
+    assert fe.acked(vu.SET_VRING_BASE, struct.pack("<II", 1, 0)) != 0
+    assert echo(q, b"once") == b"once"
+    assert q.used_idx() == 4
+
+
+def test_each_head_is_pushed_once_per_pop():
+    """A second completion of a head, or one for a head never popped, never reaches
+    the used ring."""
+    fd = os.memfd_create("vq", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 16)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    mem = GuestMemory.from_fds([(0, 1 << 16, 0x10000, 0)], [fd])
+    try:
+        vq = Virtqueue(1)
+        vq.num = 4
+        vq.desc_uaddr, vq.avail_uaddr, vq.used_uaddr = 0x10000, 0x11000, 0x12000
+        vq.addr_set = True
+        vq.map_rings(mem)
+        view = mem.user_view(0x10000, 0x3000)
+        struct.pack_into("<QIHH", view, 16 * 2, 0x2800, 16, 0, 0)  # desc 2, at gpa 0x2800
+        struct.pack_into("<H", view, 0x1000 + 4, 2)  # avail ring[0] = head 2
+        struct.pack_into("<H", view, 0x1000 + 2, 1)  # avail.idx = 1
+        chain = vq.pop()
+        assert chain.head == 2 and chain.error is None
+        used = lambda: struct.unpack_from("<H", view, 0x2000 + 2)[0]  # noqa: E731
+        vq.push(3, 0)  # never popped
+        assert used() == 0 and vq.dropped_pushes == 1
+        vq.push(2, 16)
+        assert used() == 1
+        vq.push(2, 16)  # twice
+        assert used() == 1 and vq.dropped_pushes == 2
+        chain.release()
+        view.release()
+        vq.unmap_rings()
+    finally:
+        mem.close()
 
 
 def test_stop_and_restart_a_queue(echo_server):
@@ -789,6 +879,7 @@ def test_guest_memory_must_be_sealed_unless_allowed(tmp_path):
         assert not mem.intact()
         with pytest.raises(QueueBroken, match="shrank"):
             vq.pop()
+        vq.held.add(0)  # as if head 0 were in flight
         vq.push(0, 0)  # not touched: no SIGBUS
         assert not vq.needs_notify() and vq.broken
     finally:
