@@ -18,6 +18,8 @@ fi
 modprobe fuse 2>/dev/null || true
 # Debian's own python3 has no pip until python3-pip is installed.
 python3 -m pip --version >/dev/null 2>&1 || apt-get install -y -qq python3-pip >/dev/null
+# ... nor venv's ensurepip (the real-programs test makes a venv on a mount).
+python3 -c 'import ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv >/dev/null
 pip_install() {
     python3 -m pip install -q --disable-pip-version-check "$@" && return
     # Debian's own python3 refuses with "externally-managed-environment"

@@ -104,6 +104,7 @@ def test_plots_chart_every_table_and_link_each_once(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(700)  # the run itself is given 600 s
 def test_quick_run_writes_a_well_formed_report(tmp_path):
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("the benchmark mounts: it needs root and /dev/fuse")

@@ -889,11 +889,12 @@ async def test_removing_every_page_of_a_64_mib_window_is_fast_and_never_holds_th
         assert await fs.dax.mappings() == []
         assert fs.dax.view.read(5 * P, 8) == bytes(8)  # the window's own (zero) pages
         assert maps_of_file(root / "big") == 0
-        # Generous bounds (CI is loaded): 0.4-2 s, ~10 ms and 35-110 ms are typical
-        # here under load; the old code took 6.5-18 s and held the loop all along.
-        assert elapsed < 5.0, elapsed
-        assert answered_first or getattr_latency < 2.0, getattr_latency
-        assert ticker.longest < 1.0, ticker.longest
+        # Liveness bounds, generous for a loaded machine: 0.4-2 s, ~10 ms and 35-110 ms
+        # are typical here under load; the old code took 6.5-18 s and held the loop
+        # all along, so the stall bound alone tells them apart.
+        assert elapsed < 60.0, elapsed
+        assert answered_first or getattr_latency < 5.0, getattr_latency
+        assert ticker.longest < 3.0, ticker.longest
 
         # A SETUPMAPPING over 8,192 entries (every other page) replaces them in
         # steps too, and leaves one entry.
@@ -906,4 +907,4 @@ async def test_removing_every_page_of_a_64_mib_window_is_fast_and_never_holds_th
             await ops_dax.setupmapping(fs, CTX, e.nodeid, ops_dax.NO_FH, 0, size, R, 0)
         print(f"setup over 8192 entries: longest loop stall {ticker.longest * 1000:.1f} ms")
         assert table(await fs.dax.mappings()) == [(0, size // P, 0, False)]
-        assert ticker.longest < 1.0, ticker.longest
+        assert ticker.longest < 3.0, ticker.longest

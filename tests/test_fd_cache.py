@@ -249,7 +249,7 @@ def test_budget_follows_a_lowered_limit():
         from actors.inode_table import FdBudget
         b = FdBudget()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
         before = b.cache_cap()
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
         print(before, b.cache_cap(), b.total())

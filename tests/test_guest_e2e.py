@@ -24,7 +24,9 @@ import pytest
 from tests.guest import image
 from tests.guest import run as run_mod
 
-pytestmark = [pytest.mark.slow, pytest.mark.guest]
+# The first guest test also builds the guest image (a kernel package fetched with
+# apt-get download), and a boot under TCG may take its full BOOT_TIMEOUT.
+pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(900)]
 
 
 def _guest_image() -> image.GuestImage:

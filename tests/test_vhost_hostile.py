@@ -299,13 +299,15 @@ def test_a_ring_full_of_looping_chains_does_not_starve_the_control_channel(backe
         start = time.monotonic()
         q.kick()
         # Interrupts go out while the ring is still being worked through...
-        ready, _, _ = select.select([q.call_fd], [], [], 5)
-        assert ready, "no interrupt within 5 s of the kick"
+        # Liveness bounds (a loaded machine is slow): the old code gave no interrupt
+        # and no answer for the whole ring (> 20 s here).
+        ready, _, _ = select.select([q.call_fd], [], [], 15)
+        assert ready, "no interrupt within 15 s of the kick"
         # ... and the control channel is answered.
         t = time.monotonic()
         assert fe.get_u64(vu.GET_FEATURES) & vu.VIRTIO_F_VERSION_1
         answered = time.monotonic() - t
-        assert answered < 5.0, f"GET_FEATURES took {answered:.1f} s behind the ring"
+        assert answered < 10.0, f"GET_FEATURES took {answered:.1f} s behind the ring"
         assert q.used_idx() < chains, "all chains done before the first interrupt"
         print(f"first interrupt after {t - start:.2f} s, GET_FEATURES in {answered:.3f} s")
     serves_a_fresh_frontend(b)
