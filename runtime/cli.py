@@ -85,6 +85,16 @@ _read_ahead = _whole_number(0, 1 << 20, "KiB", " (the kernel's)")
 _fd_cache = _whole_number(1, 1 << 24, "fds")
 
 
+def _mount_flags(text: str) -> tuple[str, ...]:
+    from runtime.fuse_mount import MOUNT_FLAGS
+
+    flags = tuple(dict.fromkeys(f for f in text.split(",") if f))
+    for f in flags:
+        if f not in MOUNT_FLAGS:
+            raise argparse.ArgumentTypeError(f"{f!r} is not a mount flag: use {', '.join(MOUNT_FLAGS)}")
+    return flags
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -163,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users use the mount (a root server creates and changes "
                         "things with their credentials: the host kernel checks them)")  # fmt: skip
+    m.add_argument("--mount-flags", type=_mount_flags, metavar="LIST", default=(),
+                   help="VFS flags for the mount, comma-separated: noexec, sync, dirsync, "
+                        "noatime, nodiratime (nosuid and nodev are always set)")  # fmt: skip
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--queues", type=_queues, metavar="N",
                    help="/dev/fuse queues (cloned fds) to read from (default 1)")  # fmt: skip
@@ -354,6 +367,7 @@ def mount_options(args: argparse.Namespace) -> dict:
         "queues": args.queues,
         "read_ahead_kb": DEFAULT_READ_AHEAD_KB if args.read_ahead is None else args.read_ahead,
         "poll_us": DEFAULT_POLL_US if args.poll is None else args.poll,
+        "mount_flags": tuple(args.mount_flags or ()),
     }
 
 

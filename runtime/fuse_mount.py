@@ -31,6 +31,15 @@ SUBTYPE = "actorfs"
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+# The VFS flags a mount may ask for beyond nosuid,nodev (always set): mount(2)'s
+# bit, and fusermount3's option of the same name.
+MOUNT_FLAGS = {"noexec": MS_NOEXEC, "sync": MS_SYNCHRONOUS, "dirsync": MS_DIRSYNC,
+               "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME}  # fmt: skip
 MNT_DETACH = 2
 
 
@@ -230,10 +239,12 @@ def mount(
     allow_other: bool = False,
     read_only: bool = False,
     use_fusermount: bool | None = None,
+    flags: tuple[str, ...] = (),
 ) -> Mount:
     """Mount a FUSE filesystem serving `src` on `mnt`; returns the /dev/fuse fd.
 
     `use_fusermount` forces the unprivileged path (None: only when not root).
+    `flags` are names from MOUNT_FLAGS (noexec, sync, ...), on top of nosuid,nodev.
     The kernel queues FUSE_INIT right away; the caller must answer it.
     """
     src = check_source(src)
@@ -242,11 +253,16 @@ def mount(
     check_nesting(src, real)
     if use_fusermount is None:
         use_fusermount = os.geteuid() != 0
+    unknown = [f for f in flags if f not in MOUNT_FLAGS]
+    if unknown:
+        raise MountError(f"unknown mount flag {unknown[0]!r}: use {', '.join(MOUNT_FLAGS)}")
     source = f"actorfs:{src}"
     if use_fusermount:
-        m = _mount_fusermount(source, real, allow_other=allow_other, read_only=read_only)
+        m = _mount_fusermount(source, real, allow_other=allow_other, read_only=read_only,
+                              flags=flags)
     else:
-        m = _mount_syscall(source, real, rootmode, allow_other=allow_other, read_only=read_only)
+        m = _mount_syscall(source, real, rootmode, allow_other=allow_other, read_only=read_only,
+                           flags=flags)
     m.conn = find_connection(real)
     return m
 
@@ -267,7 +283,8 @@ def _open_device() -> int:
 
 
 def _mount_syscall(
-    source: str, mnt: str, rootmode: int, *, allow_other: bool, read_only: bool
+    source: str, mnt: str, rootmode: int, *, allow_other: bool, read_only: bool,
+    flags: tuple[str, ...] = (),
 ) -> Mount:
     fd = _open_device()
     opts = [
@@ -277,10 +294,12 @@ def _mount_syscall(
         f"group_id={os.getgid()}",
         *_common_options(allow_other),
     ]
-    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    bits = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    for f in flags:
+        bits |= MOUNT_FLAGS[f]
     libc = _libc_handle()
     rc = libc.mount(
-        os.fsencode(source), os.fsencode(mnt), FSTYPE.encode(), flags, ",".join(opts).encode()
+        os.fsencode(source), os.fsencode(mnt), FSTYPE.encode(), bits, ",".join(opts).encode()
     )
     if rc != 0:
         err = ctypes.get_errno()
@@ -299,13 +318,14 @@ def _mount_syscall(
     return Mount(fd=fd, mountpoint=mnt, source=source, by_fusermount=False)
 
 
-def _mount_fusermount(source: str, mnt: str, *, allow_other: bool, read_only: bool) -> Mount:
+def _mount_fusermount(source: str, mnt: str, *, allow_other: bool, read_only: bool,
+                      flags: tuple[str, ...] = ()) -> Mount:
     helper = fusermount_path()
     if helper is None:
         raise MountError(
             "fusermount3 not found and not running as root: install fuse3 (apt-get install fuse3)"
         )
-    opts = ["nosuid", "nodev", *_common_options(allow_other)]
+    opts = ["nosuid", "nodev", *flags, *_common_options(allow_other)]
     opts += ["ro" if read_only else "rw", f"fsname={_escape_opt(source)}", f"subtype={SUBTYPE}"]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

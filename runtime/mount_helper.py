@@ -12,10 +12,12 @@ translate() turns that form into `actorfs mount SRC MNT ...`:
   passthrough / no_passthrough, debug, log_level=info, metrics=ADDR, stats_socket=PATH,
   stats_interval=N, foreground;
 - allow_other, ro (read-only) and rw;
+- the VFS flags noexec, sync, dirsync, noatime and nodiratime, which go onto
+  the mount (`--mount-flags`); nosuid and nodev are always set;
 - options only fstab and mount(8) care about (noauto, nofail, _netdev, user,
-  users, auto, defaults, comment=..., x-systemd.*) and generic VFS flags the
-  FUSE mount sets itself (nosuid, nodev, noatime, ...) are ignored, each with
-  one log line (at info level);
+  users, auto, defaults, comment=..., x-systemd.*) and the other VFS flags
+  (suid, dev, exec, relatime, ...: the defaults, or what a FUSE mount never
+  gets) are ignored, each with one log line (at info level);
 - anything else is an error naming the option.
 """
 
@@ -36,8 +38,9 @@ FLAGS = {"allow_other": "--allow-other", "ro": "--read-only", "read_only": "--re
          "no_watch": "--no-watch", "debug": "--debug", "foreground": "-f"}  # fmt: skip
 FSTAB_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
               "owner", "group", "rw"}  # fmt: skip
-VFS_FLAGS = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-             "diratime", "nodiratime", "relatime", "norelatime", "strictatime", "lazytime",
+MOUNT_FLAGS = ("noexec", "sync", "dirsync", "noatime", "nodiratime")  # -> --mount-flags
+VFS_FLAGS = {"dev", "nodev", "suid", "nosuid", "exec", "atime",
+             "diratime", "relatime", "norelatime", "strictatime", "lazytime",
              "nolazytime", "sync", "async", "dirsync", "silent", "loud", "default_permissions",
              "allow_root", "blkdev", "mand", "nomand", "iversion", "noiversion"}  # fmt: skip
 IGNORED_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "context=", "fscontext=",
@@ -83,9 +86,13 @@ def translate(argv: list[str]) -> list[str]:
         else:
             raise UserError(f"mount helper: unexpected argument {a!r}: use SRC MNT -o OPTIONS")
         i += 1
+    flags: list[str] = []
     for o in opts:
         name, eq, value = o.partition("=")
-        if eq and name in VALUED:
+        if o in MOUNT_FLAGS:
+            if o not in flags:
+                flags.append(o)
+        elif eq and name in VALUED:
             out += [VALUED[name], value]
         elif not eq and name in FLAGS:
             if FLAGS[name] not in out:
@@ -97,6 +104,8 @@ def translate(argv: list[str]) -> list[str]:
         else:
             raise UserError(f"unknown mount option {o!r} (see actorfs mount --help for what "
                             "maps to -o name=value)")
+    if flags:
+        out += ["--mount-flags", ",".join(flags)]
     return out
 
 

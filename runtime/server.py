@@ -60,8 +60,10 @@ class MountedServer:
         use_fusermount: bool | None = None,
         read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
         poll_us: int = DEFAULT_POLL_US,
+        mount_flags: tuple[str, ...] = (),
     ):
         self.config = config
+        self.mount_flags = tuple(mount_flags)  # noexec, sync, ... (fuse_mount.MOUNT_FLAGS)
         self.read_ahead_kb = read_ahead_kb
         self.poll_us = poll_us
         self.mountpoint = mountpoint
@@ -208,6 +210,7 @@ class MountedServer:
                 allow_other=self.allow_other,
                 read_only=self.config.read_only,
                 use_fusermount=self.use_fusermount,
+                flags=self.mount_flags,
             )
         )
         self.mount_info = m
@@ -324,6 +327,6 @@ async def mount(config: FsConfig, mountpoint: str, **options) -> MountedServer:
     """Mount `config.root` on `mountpoint` and serve it; returns once the mount is ready.
 
     `options` are MountedServer's: allow_other, queues, max_in_flight,
-    use_fusermount, read_ahead_kb, poll_us.
+    use_fusermount, read_ahead_kb, poll_us, mount_flags.
     """
     return await MountedServer(config, os.path.abspath(mountpoint), **options).start()

@@ -412,11 +412,13 @@ def test_mount_t_fuse_actorfs_and_an_fstab_line(tmp_path):
     src.mkdir()
     mnt.mkdir()
     (src / "hello").write_text("hi\n")
+    (src / "prog").write_text("#!/bin/sh\necho ran\n")
+    (src / "prog").chmod(0o755)
     try:
         with actorfs_on_default_path():
             # mount -t: options of ours, the kernel's and fstab's all in one -o.
             p = _run(["mount", "-t", "fuse.actorfs", str(src), str(mnt), "-o",
-                      "allow_other,ro,cache=always,noauto,nofail,_netdev,noatime"])  # fmt: skip
+                      "allow_other,ro,cache=always,noauto,nofail,_netdev,noatime,noexec"])  # fmt: skip
             assert p.returncode == 0, p.stderr + p.stdout
             assert is_mounted(mnt)
             assert (mnt / "hello").read_text() == "hi\n"
@@ -425,6 +427,10 @@ def test_mount_t_fuse_actorfs_and_an_fstab_line(tmp_path):
             opts = next(line.split()[3] for line in open("/proc/mounts")
                         if line.split()[1] == str(mnt))  # fmt: skip
             assert "allow_other" in opts, opts
+            # The VFS flags asked for are on the mount (they used to be dropped).
+            assert {"noexec", "noatime", "nosuid", "nodev"} <= set(opts.split(",")), opts
+            with pytest.raises(PermissionError):  # execve: EACCES on a noexec mount
+                _run([str(mnt / "prog")])
             p = _run(["umount", str(mnt)])
             assert p.returncode == 0, p.stderr
             assert not is_mounted(mnt) and _wait_server_gone(mnt)
@@ -436,6 +442,8 @@ def test_mount_t_fuse_actorfs_and_an_fstab_line(tmp_path):
             p = _run(["mount", "-T", str(fstab), str(mnt)])
             assert p.returncode == 0, p.stderr + p.stdout
             assert is_mounted(mnt)
+            with pytest.raises(PermissionError):  # `user` implies noexec, as on any fstab line
+                _run([str(mnt / "prog")])
             (mnt / "through-fstab").write_text("written\n")
             assert (src / "through-fstab").read_text() == "written\n"
             p = _run(["umount", str(mnt)])

@@ -53,6 +53,7 @@ def tree(tmp_path):
         (["{t}/src", "{t}/mnt", "--poll", "-1"], "out of range: use 0 to 100000"),
         (["{t}/src", "{t}/mnt", "--poll", "soon"], "not a whole number of microseconds"),
         (["{t}/src", "{t}/mnt", "--read-ahead", "lots"], "not a whole number of KiB"),
+        (["{t}/src", "{t}/mnt", "--mount-flags", "noexec,nosuid"], "'nosuid' is not a mount flag: use noexec, sync"),
         (["{t}/src", "{t}/mnt", "--inline", "sometimes"], "invalid choice: 'sometimes'"),
         (["{t}/src", "{t}/mnt", "--bogus"], "unrecognized arguments: --bogus"),
     ],
