@@ -41,7 +41,7 @@ FSTAB_ONLY = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users"
 MOUNT_FLAGS = ("noexec", "sync", "dirsync", "noatime", "nodiratime")  # -> --mount-flags
 VFS_FLAGS = {"dev", "nodev", "suid", "nosuid", "exec", "atime",
              "diratime", "relatime", "norelatime", "strictatime", "lazytime",
-             "nolazytime", "sync", "async", "dirsync", "silent", "loud", "default_permissions",
+             "nolazytime", "async", "silent", "loud", "default_permissions",
              "allow_root", "blkdev", "mand", "nomand", "iversion", "noiversion"}  # fmt: skip
 IGNORED_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "context=", "fscontext=",
                     "defcontext=", "rootcontext=", "max_read=", "blksize=")  # fmt: skip
