@@ -45,9 +45,9 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from runtime.actor import Actor, stepped
-from runtime.errno_map import FsError
-from runtime.shm_view import (
+from actorfs.runtime.core.actor import Actor, stepped
+from actorfs.runtime.core.errno_map import FsError
+from actorfs.runtime.host.shm_view import (
     MAP_SHARED,
     PAGE_SIZE,
     PROT_READ,

@@ -20,8 +20,8 @@ import errno
 import os
 from dataclasses import dataclass
 
-from runtime.actor import Actor
-from runtime.errno_map import FsError
+from actorfs.runtime.core.actor import Actor
+from actorfs.runtime.core.errno_map import FsError
 
 
 @dataclass(slots=True)

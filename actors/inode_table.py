@@ -51,10 +51,10 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from runtime import syscalls
-from runtime.actor import Actor
-from runtime.attrs import FUSE_ROOT_ID
-from runtime.errno_map import FsError
+from actorfs.runtime.core.actor import Actor
+from actorfs.runtime.core.attrs import FUSE_ROOT_ID
+from actorfs.runtime.core.errno_map import FsError
+from actorfs.runtime.host import syscalls
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK, KIND_OTHER = 0, 1, 2, 3
 

@@ -52,11 +52,11 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from actors.inode_table import KIND_DIR
-from runtime import inotify
-from runtime.actor import Actor
-from runtime.attrs import FUSE_ROOT_ID
-from runtime.errno_map import FsError
+from actorfs.actors.inode_table import KIND_DIR
+from actorfs.runtime.core.actor import Actor
+from actorfs.runtime.core.attrs import FUSE_ROOT_ID
+from actorfs.runtime.core.errno_map import FsError
+from actorfs.runtime.host import inotify
 
 log = logging.getLogger("actorfs.watcher")
 

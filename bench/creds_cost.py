@@ -18,9 +18,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from runtime import creds  # noqa: E402
+from actorfs.runtime.ops import creds  # noqa: E402
 
 
 def per_call_us(fn, n: int) -> float:
@@ -36,8 +34,8 @@ def per_call_us(fn, n: int) -> float:
 async def op_pair_us(inline: str, who, n: int) -> float:
     import tempfile
 
-    from runtime import ops
-    from runtime.filesystem import Filesystem, FsConfig
+    from actorfs.runtime.ops import ops
+    from actorfs.runtime.ops.filesystem import Filesystem, FsConfig
 
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o777)
@@ -70,7 +68,7 @@ def main() -> None:
     print(f"bare call                 {bare:6.2f} us")
     print(f"switch + restore          {switch:6.2f} us  (+{switch - bare:.2f})")
     print(f"  with /proc groups       {switch_groups:6.2f} us  (+{switch_groups - bare:.2f})")
-    from runtime.attrs import RequestContext
+    from actorfs.runtime.core.attrs import RequestContext
 
     root, nobody = RequestContext(0, 0, 0), RequestContext(65534, 65534, 0)
     for inline in ("never", "always"):

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from runtime import ops  # noqa: E402
-from runtime.attrs import RequestContext  # noqa: E402
-from runtime.filesystem import Filesystem, FsConfig  # noqa: E402
+from actorfs.runtime.core.attrs import RequestContext  # noqa: E402
+from actorfs.runtime.ops import ops  # noqa: E402
+from actorfs.runtime.ops.filesystem import Filesystem, FsConfig  # noqa: E402
 
 CTX = RequestContext(uid=0, gid=0, pid=os.getpid())
 
@@ -130,7 +129,7 @@ class Peak:
 
 
 def mounted_find(src: str, mnt: str, limit: int | None) -> tuple[float, int, int, int, int]:
-    cmd = [sys.executable, "-m", "runtime.cli", "mount", src, mnt, "-f"]
+    cmd = [sys.executable, "-m", "actorfs", "mount", src, mnt, "-f"]
     if limit:
         cmd = ["prlimit", f"--nofile={limit}:{limit}", *cmd]
     env = dict(os.environ, PYTHONPATH=str(REPO))

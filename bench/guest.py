@@ -24,10 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
 
-from report import Target  # noqa: E402
+from bench.report import Target  # noqa: E402
 
 BACKENDS = {"actorfs": "virtio-fs: actorfs (guest)", "virtiofsd": "virtio-fs: virtiofsd (guest)"}
 PHASES = {
@@ -51,7 +49,7 @@ def run(work: Path, repeat: int, log) -> tuple[list[Target], list[dict], list[st
         from tests.guest.run import VIRTIOFSD, prepare_root, run_guest
     except ImportError as exc:
         return [], [], [f"- virtio-fs half skipped: the guest tooling is missing ({exc})."]
-    import workloads
+    from bench import workloads
 
     try:
         img = image.build({"workload.sh": HERE / "guest_workload.sh"})

@@ -16,16 +16,13 @@ import argparse
 import asyncio
 import os
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime import protocol as P  # noqa: E402
-from runtime.dispatcher import Dispatcher  # noqa: E402
-from runtime.filesystem import Filesystem, FsConfig  # noqa: E402
+from actorfs.runtime.fuse import protocol as P  # noqa: E402
+from actorfs.runtime.fuse.dispatcher import Dispatcher  # noqa: E402
+from actorfs.runtime.ops.filesystem import Filesystem, FsConfig  # noqa: E402
 
 MIB = 1 << 20
 

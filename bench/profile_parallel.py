@@ -22,10 +22,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from run import fresh_tmpfs, run_workload  # noqa: E402
-from server import ActorfsServer  # noqa: E402
+from bench.run import fresh_tmpfs, run_workload  # noqa: E402
+from bench.server import ActorfsServer  # noqa: E402
 
 VARIANTS = {
     "default": [],

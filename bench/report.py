@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from workloads import UNITS
+from bench.workloads import UNITS
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
 
-import report  # noqa: E402
-import workloads  # noqa: E402
-from report import Target  # noqa: E402
-from server import ActorfsServer  # noqa: E402
+from bench import report, workloads  # noqa: E402
+from bench.report import Target  # noqa: E402
+from bench.server import ActorfsServer  # noqa: E402
 
 WORK = Path(os.environ.get("ACTORFS_BENCH_DIR", "/var/tmp/actorfs-bench"))
 
@@ -138,8 +136,8 @@ def _shown_args(argv: list[str]) -> str:
 
 def vhost_cpu_section() -> str:
     """bench/vhost_cpu.py's table: CPU per request, actorfs beside virtiofsd."""
-    p = subprocess.run([sys.executable, str(HERE / "vhost_cpu.py"), "--n", "3000", "--rounds", "3"],
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "bench.vhost_cpu", "--n", "3000", "--rounds", "3"],
+                       cwd=HERE.parent, capture_output=True, text=True, timeout=900)  # fmt: skip
     if p.returncode != 0:
         return f"### vhost-user CPU per request\n\nnot measured: {p.stderr.strip()[-500:]}"
     return (
@@ -225,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                         results.append({"target": t.name, "repeat": r, **row})
     notes: list[str] = []
     if args.all_modes and not args.no_guest and not args.quick:
-        import guest
+        from bench import guest
 
         g_targets, g_results, g_notes = guest.run(WORK, repeat, log)
         targets = targets + g_targets
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
     try:  # the charts beside the tables (the bench extra: matplotlib)
-        import plots
+        from bench import plots
 
         for png in plots.annotate(Path(args.out)):
             print(f"wrote {png}")

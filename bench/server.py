@@ -39,7 +39,7 @@ class ActorfsServer:
         self.passthrough = ""  # the mount's passthrough reason, from its stats
 
     def __enter__(self) -> ActorfsServer:
-        cmd = [*self.wrap, sys.executable, *self.python_args, str(Path(__file__).resolve()), str(self.src),
+        cmd = [*self.wrap, sys.executable, *self.python_args, "-m", "bench.server", str(self.src),
                str(self.mnt), self.stats_file, *self.options]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log or None,
                                      cwd=REPO, text=True, bufsize=1)  # fmt: skip
@@ -107,8 +107,8 @@ class _suppress:
 async def _serve(args, config, stats_file: str) -> int:
     import asyncio
 
-    from runtime import cli
-    from runtime.server import MountedServer
+    from actorfs.runtime.cli import main as cli
+    from actorfs.runtime.devfuse.server import MountedServer
 
     server = MountedServer(config, args.mnt, **cli.mount_options(args))
     await server.start()
@@ -135,8 +135,7 @@ async def _serve(args, config, stats_file: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(REPO))
-    from runtime import cli
+    from actorfs.runtime.cli import main as cli
 
     src, mnt, stats_file, *options = argv
     # Bench-only switches (not CLI options), to measure what a feature costs.

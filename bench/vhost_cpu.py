@@ -26,12 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from vhost_frontend import Frontend  # noqa: E402
-
-from runtime import protocol as P  # noqa: E402
+from actorfs.runtime.fuse import protocol as P  # noqa: E402
+from tests.support.vhost_frontend import Frontend  # noqa: E402
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 HEADER = 40  # fuse_in_header: the frontend writes its own
@@ -131,7 +128,7 @@ def run(backend: str, n: int, work: Path, profile: str | None = None) -> dict[st
         cmd = [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={src}", "-o", "cache=auto"]
     else:
         prof = ["-m", "cProfile", "-o", profile] if profile else []
-        cmd = [sys.executable, *prof, "-m", "runtime.cli", "serve", str(src), "--socket", sock,
+        cmd = [sys.executable, *prof, "-m", "actorfs", "serve", str(src), "--socket", sock,
                "--once", "--cache", "auto"]  # fmt: skip
     proc = start(cmd, sock, env)
     out: dict[str, float] = {}

@@ -24,11 +24,6 @@ import struct
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (REPO, os.path.join(REPO, "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
 try:
     import atheris
 except ImportError:  # the harness is also used by tests/test_fuzz_corpus.py
@@ -36,16 +31,16 @@ except ImportError:  # the harness is also used by tests/test_fuzz_corpus.py
 
 if atheris is not None:
     with atheris.instrument_imports():
-        import actors.handles  # noqa: F401
-        import actors.inode_table  # noqa: F401
-        import runtime.ops  # noqa: F401
-        from runtime import protocol as P
-        from runtime.dispatcher import MAX_WRITE, Dispatcher
+        import actorfs.actors.handles  # noqa: F401
+        import actorfs.actors.inode_table  # noqa: F401
+        import actorfs.runtime.ops.ops  # noqa: F401
+        from actorfs.runtime.fuse import protocol as P
+        from actorfs.runtime.fuse.dispatcher import MAX_WRITE, Dispatcher
 else:
-    from runtime import protocol as P
-    from runtime.dispatcher import MAX_WRITE, Dispatcher
+    from actorfs.runtime.fuse import protocol as P
+    from actorfs.runtime.fuse.dispatcher import MAX_WRITE, Dispatcher
 
-from runtime.filesystem import Filesystem, FsConfig  # noqa: E402
+from actorfs.runtime.ops.filesystem import Filesystem, FsConfig  # noqa: E402
 
 _REC = struct.Struct("<BH")
 HANG_SECONDS = 30.0
@@ -222,7 +217,7 @@ def seeds() -> list[bytes]:
 def main() -> None:
     if atheris is None:
         sys.exit("atheris is not installed: pip install atheris")
-    from hostile_client import scratch_tmpfs
+    from tests.support.hostile_client import scratch_tmpfs
 
     base = tempfile.mkdtemp(prefix="actorfs-fuzz-")
     with scratch_tmpfs(base) as small:

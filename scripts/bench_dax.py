@@ -15,17 +15,15 @@ import argparse
 import asyncio
 import ctypes
 import os
-import sys
 import tempfile
 import time
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from actors.dax import DaxWindow  # noqa: E402
-from runtime import ops, ops_dax  # noqa: E402
-from runtime.attrs import RequestContext  # noqa: E402
-from runtime.filesystem import Filesystem, FsConfig  # noqa: E402
+from actorfs.actors.dax import DaxWindow  # noqa: E402
+from actorfs.runtime.core.attrs import RequestContext  # noqa: E402
+from actorfs.runtime.dax import ops as ops_dax  # noqa: E402
+from actorfs.runtime.ops import ops  # noqa: E402
+from actorfs.runtime.ops.filesystem import Filesystem, FsConfig  # noqa: E402
 
 MAP_CHUNK = 2 << 20
 

@@ -113,7 +113,7 @@ class Mount:
 
     def __enter__(self) -> Mount:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "mount", self.src, self.mnt, "-f", *self.options],
+            [sys.executable, "-m", "actorfs", "mount", self.src, self.mnt, "-f", *self.options],
             env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip

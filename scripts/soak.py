@@ -29,11 +29,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from runtime.filesystem import FsConfig  # noqa: E402
-from runtime.limits import raise_nofile_limit  # noqa: E402
-from runtime.server import mount  # noqa: E402
+from actorfs.runtime.devfuse.server import mount  # noqa: E402
+from actorfs.runtime.host.limits import raise_nofile_limit  # noqa: E402
+from actorfs.runtime.ops.filesystem import FsConfig  # noqa: E402
 
 CLIENT = r"""
 import errno, json, os, random, sys, time

@@ -1,12 +1,6 @@
 import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 # Root's tools the tests run (modprobe and depmod for the guest image, losetup,
 # mkfs.ext4) live in the sbin directories, which a CI runner's PATH may lack.
@@ -33,7 +27,7 @@ def pytest_asyncio_loop_factories(config, item):
 def syscall_mode(request):
     """Run an op-level test twice: syscalls in the blocking pool, and inline on
     the loop (what a tmpfs root gets: runtime/backing_fs.py)."""
-    import helpers_fs
+    from tests.support import helpers_fs
 
     helpers_fs.INLINE["mode"] = "never" if request.param == "pool" else "always"
     yield request.param
@@ -43,7 +37,7 @@ def syscall_mode(request):
 @pytest.fixture
 def dirs(tmp_path):
     """(src, mnt) for a real mount: src with a hello file, mnt empty; unmounted after."""
-    from mount_util import force_unmount, make_dirs
+    from tests.support.mount_util import force_unmount, make_dirs
 
     src, mnt = make_dirs(tmp_path)
     yield src, mnt
@@ -54,7 +48,7 @@ def dirs(tmp_path):
 def fd_cache_mode(request):
     """Run an op-level test with every inode's fd held (a large cache), and with
     eviction forced (a cache of one fd) reopening by file handle (root) or by name."""
-    import helpers_fs
+    from tests.support import helpers_fs
 
     if request.param == "evict-handle" and os.geteuid() != 0:
         pytest.skip("reopening by file handle needs root")

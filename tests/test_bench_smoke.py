@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bench import report
+from bench.report import Target
+from bench.workloads import METADATA_PHASES, UNITS
 
-import report  # noqa: E402
-from report import Target  # noqa: E402
-from workloads import METADATA_PHASES, UNITS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 NUMBER = r"[\d,]+(\.\d+)?( s)?"
 
@@ -81,7 +80,7 @@ def test_diff_stats_subtracts_histograms():
 
 
 def test_plots_chart_every_table_and_link_each_once(tmp_path):
-    import plots
+    from bench import plots
 
     targets, rows = _synthetic_results()
     meta = {"date": "d", "machine": "m", "kernel": "k", "python": "p", "mode": "quick",
@@ -110,7 +109,7 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
         pytest.skip("the benchmark mounts: it needs root and /dev/fuse")
     out = tmp_path / "BENCH.md"
     env = dict(os.environ, ACTORFS_BENCH_DIR=str(tmp_path / "work"))
-    p = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-guest",
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--no-guest",
                         "--out", str(out)], capture_output=True, text=True, timeout=600, env=env,
                        cwd=REPO)  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

@@ -29,10 +29,10 @@ BOOT_TIMEOUT = 200  # ~10 s here; below pytest's 300 s so a hung guest still get
 
 def backend_command(name: str, sock: Path, root: Path) -> list[str]:
     if name == "actorfs":  # the command users run
-        return [sys.executable, "-m", "runtime.cli", "serve", "--socket", str(sock), "--once",
+        return [sys.executable, "-m", "actorfs", "serve", "--socket", str(sock), "--once",
                 str(root)]
     if name == "actorfs-api":  # serve_vhost_user() called directly
-        return [sys.executable, str(REPO / "tests" / "guest" / "serve.py"), str(sock), str(root)]
+        return [sys.executable, "-m", "tests.guest.serve", str(sock), str(root)]
     if name == "virtiofsd":
         return [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={root}", "-o", "cache=auto"]
     raise ValueError(f"unknown backend {name!r}: actorfs, actorfs-api or virtiofsd")

@@ -1,14 +1,12 @@
-"""Run the vhost-user-fs backend for the guest test: serve.py SOCKET ROOT (one frontend)."""
+"""Run the vhost-user-fs backend for the guest test:
+`python3 -m tests.guest.serve SOCKET ROOT` (one frontend)."""
 
 import asyncio
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from runtime.filesystem import FsConfig  # noqa: E402
-from runtime.vhost_server import serve_vhost_user  # noqa: E402
+from actorfs.runtime.ops.filesystem import FsConfig  # noqa: E402
+from actorfs.runtime.vhost.server import serve_vhost_user  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

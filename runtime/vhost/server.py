@@ -1,0 +1,638 @@
+"""`actorfs serve --socket PATH SRC`: the vhost-user-fs backend daemon.
+
+One unix socket, one frontend (the VMM) at a time. Each connection starts a
+FUSE session: its own Filesystem (actors, pool) and Dispatcher, torn down
+when the frontend goes away, so a re-attached guest starts from a clean inode
+table; a guest that sends INIT again (reset or reboot while mounted) gets a
+fresh session too. Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues
+1..N carry requests; all of them feed the same Dispatcher, driven from the
+event loop by their kick eventfds.
+
+The frontend is untrusted (docs/RELIABILITY.md, "The hostile VMM"): rings are
+processed in bounded batches, a connection without SET_OWNER within
+HANDSHAKE_TIMEOUT or with a message stalled half-way is dropped, every queue
+stop ends its runner whatever the queue's state, and a kick fd at end of file
+stops its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+import time
+
+from actorfs.runtime.fuse import protocol
+from actorfs.runtime.ops.filesystem import ConfigError, FsConfig, check_root
+from actorfs.runtime.vhost.vhost_user import (
+    ProtocolError,
+    VhostUserBackend,
+    recv_message,
+    send_message,
+)
+from actorfs.runtime.vhost.virtqueue import Chain, QueueBroken, Virtqueue
+
+log = logging.getLogger("actorfs.vhost")
+
+DRAIN_TIMEOUT = 5.0  # how long a stopping queue waits for its in-flight requests
+HANDSHAKE_TIMEOUT = 5.0  # a frontend that sends no SET_OWNER within this is dropped
+BATCH_CHAINS = 64  # chains popped before the runner lets the rest of the loop run
+BATCH_SECONDS = 0.001  # ... or this long, whichever comes first
+_LEN_OPCODE = struct.Struct("<II")
+_UNIQUE = struct.Struct("<Q")
+
+
+class SocketInUse(Exception):
+    """The socket path belongs to a live server (or is not a socket)."""
+
+
+# -- the listening socket --------------------------------------------------------
+def bind_socket(path: str) -> socket.socket:
+    """Listen on `path`; a stale socket file is removed, a live one is an error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket: remove it or pick another --socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)  # a live server with a full backlog makes connect() wait
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: a leftover from a crashed server
+        except TimeoutError:
+            raise SocketInUse(f"socket {path} is in use by a busy server: stop it or pick another --socket") from None
+        else:
+            raise SocketInUse(f"socket {path} is in use by a running server: stop it or pick another --socket")
+        finally:
+            probe.close()
+    # Bound and listening under a temporary name, then renamed into place: whoever
+    # sees the path (a VMM started right after) can connect at once.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(1)
+        sock.setblocking(False)
+        os.rename(tmp, path)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return sock
+
+
+def _remove_socket(path: str, ino: int | None) -> None:
+    """Remove the socket file only if it is still the one we bound."""
+    with contextlib.suppress(OSError):
+        if ino is not None and os.lstat(path).st_ino == ino:
+            os.unlink(path)
+
+
+# -- one queue --------------------------------------------------------------------
+class QueueRunner:
+    """Pops chains from one virtqueue on kicks and feeds them to the dispatcher."""
+
+    def __init__(self, conn: Connection, vq: Virtqueue):
+        self.conn = conn
+        self.vq = vq
+        self.loop = asyncio.get_running_loop()
+        self.kick_fd = vq.kick_fd
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.inflight = 0
+        self.notify_pending = False
+        self.bad_chains = 0
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """ValueError when the kick fd cannot be watched (epoll refuses it)."""
+        os.set_blocking(self.kick_fd, False)
+        try:
+            self.loop.add_reader(self.kick_fd, self._on_kick)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"queue {self.vq.index}: kick fd cannot be watched: {exc}") from None
+        self.wake.set()  # buffers may already be waiting (a restarted ring)
+        self.task = asyncio.create_task(self._run(), name=f"vhost-queue-{self.vq.index}")
+
+    def _on_kick(self) -> None:
+        try:
+            data = os.read(self.kick_fd, 8)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._kick_fd_gone(exc.strerror or str(exc))
+            return
+        if not data:  # a pipe whose writer is gone: readable forever, never a kick again
+            self._kick_fd_gone("end of file")
+            return
+        self.wake.set()
+
+    def _kick_fd_gone(self, why: str) -> None:
+        log.warning("queue %d: kick fd at %s: the queue is stopped until it is set up again",
+                    self.vq.index, why)
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.kick_fd)
+        self.vq.broken = True
+        self.vq.signal_error()
+
+    async def _run(self) -> None:
+        vq = self.vq
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                # In batches: BATCH_CHAINS chains (malformed ones count) or BATCH_SECONDS,
+                # then the loop runs the control channel, the other queues and the
+                # interrupts. A guest that keeps the ring full cannot starve them.
+                count = 0
+                until = time.monotonic() + BATCH_SECONDS
+                while vq.ready:
+                    chain = vq.pop()
+                    if chain is None:
+                        if not vq.enable_kicks():
+                            break
+                        continue
+                    await self._dispatch(chain)
+                    count += 1
+                    if count >= BATCH_CHAINS or time.monotonic() >= until:
+                        await asyncio.sleep(0)
+                        count = 0
+                        until = time.monotonic() + BATCH_SECONDS
+            except QueueBroken as exc:
+                log.warning("%s: the queue is stopped until the driver sets it up again", exc)
+            except Exception:
+                # A bug must not silently stall the queue: say so, and stop it the same way.
+                log.exception("queue %d: processing failed; the queue is stopped", vq.index)
+                vq.broken = True
+                vq.signal_error()
+
+    async def _dispatch(self, chain: Chain) -> None:
+        vq = self.vq
+        if chain.error is not None:
+            self._hostile("malformed descriptor chain %d: %s", chain.head, chain.error)
+            self._complete(chain.head, 0)
+            return
+        frame = chain.request()
+        if len(frame) < protocol.IN_HEADER_SIZE:
+            self._hostile("request of %d bytes, shorter than a FUSE header", len(frame))
+            written = 0
+            if len(frame) >= 16:  # its unique is there: answer it with EINVAL
+                unique = _UNIQUE.unpack_from(frame, 8)[0]
+                written = chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0
+            self._complete(chain.head, written)
+            return
+        length, opcode = _LEN_OPCODE.unpack_from(frame, 0)
+        if length < protocol.IN_HEADER_SIZE:
+            # fuse_in_header.len below the header itself; the unique is in the frame.
+            self._hostile("fuse_in_header.len %d, shorter than the header", length)
+            unique = _UNIQUE.unpack_from(frame, 8)[0]
+            self._complete(chain.head,
+                           chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0)
+            return
+        if length < len(frame):
+            frame = frame[:length]  # the decoder wants exactly fuse_in_header.len bytes
+        if opcode in protocol.NO_REPLY_OPCODES:
+            # No reply will come: hand back the buffers now, and a copy to the dispatcher.
+            # The copy is taken first: once the head is back, the guest may reuse the
+            # buffer at once (even before we next run).
+            frame = bytes(frame)
+            self._complete(chain.head, 0)
+            dispatcher = await self.conn.dispatcher_for(opcode)
+            await dispatcher.submit(frame, _no_reply)
+            return
+        unique = _UNIQUE.unpack_from(frame, 8)[0]
+        generation = vq.generation
+        self.inflight += 1
+        self.idle.clear()
+        replied = False
+
+        def send(iov: list) -> None:
+            nonlocal replied
+            if replied:
+                return
+            replied = True
+            self._request_done()
+            if vq.generation != generation or not vq.intact():
+                return  # the ring was stopped or reset meanwhile: nobody waits for this
+            written = chain.write_reply(iov)
+            if written is None:
+                log.warning("queue %d: reply of %d bytes does not fit in %d writable bytes",
+                            vq.index, sum(len(b) for b in iov), chain.writable_len)
+                written = chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0
+            self._complete(chain.head, written)
+
+        try:
+            dispatcher = await self.conn.dispatcher_for(opcode)
+            await dispatcher.submit(frame, send)
+        except asyncio.CancelledError:
+            # The queue stops while the request waits (for a new session, or for room
+            # in the dispatcher): answer it, which also keeps the in-flight count exact.
+            send(protocol.reply_error(unique, errno.EIO))
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Not our cancellation: the request's own first step (run in this task,
+            # runtime/eager.py) ended with one. Only that request fails.
+            log.warning("queue %d: request %d was cancelled from within; answered EIO",
+                        vq.index, unique)
+        except Exception:
+            log.exception("queue %d: dispatch failed", vq.index)
+            send(protocol.reply_error(unique, errno.EIO))
+
+    def _hostile(self, fmt: str, *args) -> None:
+        """Log bad guest input, but not every time: a guest must not flood the log."""
+        self.bad_chains += 1
+        if self.bad_chains <= 10 or self.bad_chains % 1000 == 0:
+            log.warning("queue %d: " + fmt + " (%d so far)", self.vq.index, *args,
+                        self.bad_chains)
+
+    def _request_done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+    def _complete(self, head: int, written: int) -> None:
+        dropped = self.vq.dropped_pushes
+        self.vq.push(head, written)
+        n = self.vq.dropped_pushes
+        if n != dropped and (n <= 10 or n % 1000 == 0):
+            log.warning("queue %d: head %d was not in flight; its completion is dropped "
+                        "(%d so far)", self.vq.index, head, self.vq.dropped_pushes)
+        if not self.notify_pending:
+            # One interrupt for every reply that completes in this loop iteration.
+            self.notify_pending = True
+            self.loop.call_soon(self._flush_notify)
+
+    def _flush_notify(self) -> None:
+        self.notify_pending = False
+        if self.vq.needs_notify():
+            self.vq.notify()
+
+    def detach(self) -> None:
+        """Stop listening for kicks and popping chains (synchronous, idempotent)."""
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.kick_fd)
+        if self.task is not None:
+            self.task.cancel()
+
+    async def stop(self) -> None:
+        """Stop popping, then wait (bounded) for the in-flight replies."""
+        self.detach()
+        if self.task is not None:
+            await asyncio.wait([self.task])  # unlike `await task`, keeps our own cancellation
+        if self.inflight:
+            try:
+                await asyncio.wait_for(self.idle.wait(), DRAIN_TIMEOUT)
+            except TimeoutError:
+                log.warning("queue %d: %d requests still in flight at stop", self.vq.index,
+                            self.inflight)
+        self._flush_notify()
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a FUSE session renewal failed: %r", task.exception())
+
+
+def _no_reply(iov: list) -> None:
+    """FORGET and friends never get a reply; a stray one has nowhere to go."""
+
+
+# -- one frontend connection ------------------------------------------------------
+class Connection:
+    """The QueueListener for one frontend: owns the queue runners and the FUSE session."""
+
+    def __init__(self, sock: socket.socket, dispatcher, *, tag: str | None = None,
+                 dax_window=None, renew=None, allow_unsealed: bool = False):
+        self.sock = sock
+        self.dispatcher = dispatcher
+        self.runners: dict[int, QueueRunner] = {}
+        self.dax_window = dax_window
+        # renew(): close the session and open a fresh one -> (dispatcher, dax_window).
+        self.renew = renew
+        self._renewing = asyncio.Lock()
+        self._renewal: asyncio.Task | None = None
+        self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None,
+                                        allow_unsealed=allow_unsealed)
+        self.dax_sockets: list[socket.socket] = []
+
+    async def dispatcher_for(self, opcode: int):
+        """The dispatcher for a request; a second INIT starts a new FUSE session.
+
+        A guest that reboots or resets the device without unmounting sends
+        INIT again on the same connection: its old nodeids and handles are
+        gone with it, so it gets a fresh Filesystem rather than an error.
+        The renewal runs in a task of its own: a queue stopped meanwhile
+        cancels the request that waits for it, never the renewal half-way.
+        """
+        async with self._renewing:
+            if self._renewal is not None:
+                await asyncio.shield(self._renewal)  # one begun by a cancelled request
+            if (opcode == protocol.FUSE_INIT and self.renew is not None
+                    and getattr(self.dispatcher, "init", None) is not None):
+                log.info("the guest sent INIT again: starting a new FUSE session")
+                self._renewal = asyncio.create_task(self._renew(), name="fuse-session-renewal")
+                # Its failure reaches the request that waits; if that one was cancelled,
+                # the next INIT tries again (from whatever state this one left).
+                self._renewal.add_done_callback(_retrieve)
+                await asyncio.shield(self._renewal)
+            return self.dispatcher
+
+    async def _renew(self) -> None:
+        try:
+            self.dispatcher, self.dax_window = await self.renew()
+            if self.dax_window is not None and self.dax_sockets:
+                self._connect_dax(self.dax_sockets[-1])
+        finally:
+            self._renewal = None
+
+    # QueueListener
+    def queue_active(self, vq: Virtqueue) -> None:
+        old = self.runners.pop(vq.index, None)
+        if old is not None:  # restarted without a stop (a new memory table): one runner only
+            old.detach()
+        runner = QueueRunner(self, vq)
+        runner.start()
+        self.runners[vq.index] = runner
+
+    async def queue_stopping(self, vq: Virtqueue) -> None:
+        runner = self.runners.pop(vq.index, None)
+        if runner is not None:
+            await runner.stop()
+
+    def backend_channel(self, sock: socket.socket, shmem: bool) -> bool:
+        """With SHMEM negotiated, DAX map/unmap requests go to the frontend on this channel."""
+        if self.dax_window is None or not shmem:
+            return False
+        sock.setblocking(True)  # the DAX sender thread does blocking sends with a timeout
+        self._connect_dax(sock)
+        self.dax_sockets.append(sock)  # closed after the DAX window (its unmaps go out first)
+        log.info("DAX: SETUPMAPPING/REMOVEMAPPING go to the frontend over the backend channel")
+        return True
+
+    def _connect_dax(self, sock: socket.socket) -> None:
+        from actorfs.runtime.dax.channel import DaxChannel
+
+        self.dax_window.mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
+
+    async def run(self) -> None:
+        handshake_until = time.monotonic() + HANDSHAKE_TIMEOUT
+        try:
+            while True:
+                if self.backend.owner:
+                    msg = await recv_message(self.sock)
+                else:
+                    # Only SET_OWNER is timed (QEMU sends it at once): the memory table
+                    # may come much later (a slow guest boot).
+                    try:
+                        async with asyncio.timeout(max(handshake_until - time.monotonic(), 0)):
+                            msg = await recv_message(self.sock)
+                    except TimeoutError:
+                        log.warning("no SET_OWNER within %g s: closing the connection",
+                                    HANDSHAKE_TIMEOUT)
+                        return
+                if msg is None:
+                    log.info("frontend disconnected")
+                    return
+                reply = await self.backend.handle(msg)
+                if reply is not None:
+                    await send_message(self.sock, reply)
+        except ProtocolError as exc:
+            log.warning("vhost-user protocol error, closing the connection: %s", exc)
+        except (ConnectionError, OSError) as exc:
+            log.info("frontend connection lost: %s", exc)
+        except Exception:
+            log.exception("vhost-user message handling failed, closing the connection")
+        finally:
+            runners = list(self.runners.values())
+            self.runners.clear()
+            for runner in runners:
+                runner.detach()
+            try:
+                for runner in runners:
+                    await runner.stop()
+                if self._renewal is not None:  # a renewal left behind by a cancelled request
+                    await asyncio.wait([self._renewal])
+            finally:
+                await self.backend.close()
+
+
+class Session:
+    """One FUSE session: a Filesystem (actors, blocking pool) and its Dispatcher.
+
+    The Filesystem lives in a task of its own: its supervisor's task group must
+    be entered and left by the same task, while sessions are opened and closed
+    from whichever task sees the frontend connect or the guest send INIT again.
+    """
+
+    def __init__(self, config: FsConfig):
+        self.config = config
+        self.dispatcher = None
+        self.dax_window = None  # the Filesystem's DAX actor, when configured
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def open(self) -> Session:
+        ready = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._live(ready), name="fuse-session")
+        try:
+            await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._task.cancel()
+            raise
+        if not ready.done():
+            await self._task  # it ended before being ready: its exception
+            raise RuntimeError("the FUSE session ended before it started")
+        return self
+
+    async def _live(self, ready: asyncio.Future) -> None:
+        from actorfs.runtime.fuse.dispatcher import Dispatcher
+        from actorfs.runtime.ops.filesystem import Filesystem
+
+        async with Filesystem.running(self.config) as fs:
+            self.dispatcher = Dispatcher(fs, transport="virtiofs")
+            self.dax_window = fs.dax
+            ready.set_result(None)
+            await self._closing.wait()
+            # Let the requests in flight finish (bounded), then stop the actors.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dispatcher.drain(), DRAIN_TIMEOUT)
+
+    async def close(self) -> None:
+        if self._task is None:
+            return
+        self._closing.set()
+        try:
+            await asyncio.wait([self._task])
+        except BaseException:
+            self._task.cancel()  # we are cancelled ourselves: do not leave it behind
+            raise
+        if not self._task.cancelled() and self._task.exception() is not None:
+            log.warning("FUSE session ended with %r", self._task.exception())
+
+
+async def serve_connection(config: FsConfig, sock: socket.socket, *,
+                           tag: str | None = None, stats_interval: float = 0,
+                           allow_unsealed_memory: bool = False,
+                           on_connection=None) -> None:
+    """Serve one frontend until it disconnects, in a fresh FUSE session."""
+    sock.setblocking(False)
+    session = None
+    conn: Connection | None = None
+
+    async def renew():
+        nonlocal session
+        old, session = session, None
+        if old is not None:  # None: an earlier renewal failed half-way
+            await old.close()
+        session = await Session(config).open()
+        return session.dispatcher, session.dax_window
+
+    try:
+        session = await Session(config).open()
+        conn = Connection(sock, session.dispatcher, tag=tag, dax_window=session.dax_window,
+                          renew=renew, allow_unsealed=allow_unsealed_memory)
+        if on_connection is not None:  # e.g. the stats socket reads conn.dispatcher
+            on_connection(conn)
+        await _serve(conn, stats_interval)
+    finally:
+        try:
+            if session is not None:
+                await session.close()
+        finally:
+            sock.close()
+            for s in conn.dax_sockets if conn is not None else ():
+                s.close()
+
+
+def virtiofs_config(config: FsConfig, dax_name: str | None, dax_size: int) -> FsConfig:
+    """The configuration a vhost-user session runs with.
+
+    The hypervisor is another process: a DAX window is useful to it only through
+    SHMEM_MAP requests on the backend channel, so the mapper is "channel".
+    """
+    if dax_size:
+        config = dataclasses.replace(config, dax_size=dax_size)
+    if dax_name:
+        config = dataclasses.replace(config, dax_name=dax_name)
+    if config.dax_name or config.dax_size:  # the Filesystem's own test for a window
+        config = dataclasses.replace(config, dax_mapper="channel")
+    return config
+
+
+async def _serve(conn: Connection, stats_interval: float) -> None:
+    stats = None
+    if stats_interval:
+        stats = asyncio.create_task(_log_stats(conn, stats_interval))
+    try:
+        await conn.run()
+    finally:
+        if stats is not None:
+            stats.cancel()
+
+
+async def _log_stats(conn: Connection, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        log.info("stats: %s", conn.dispatcher.stats())
+
+
+def adopt_listener(fd: int) -> socket.socket:
+    """The already-listening unix socket a launcher passed as fd (`--fd=N`)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise SocketInUse(f"--fd={fd} is not an open file descriptor: pass the listening socket's fd") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"--fd={fd} is not a socket: pass a listening unix socket")
+    sock = socket.socket(fileno=fd)
+    if (sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+        sock.detach()
+        raise SocketInUse(f"--fd={fd} is not a listening unix stream socket: "
+                          "bind and listen() before passing it")
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_vhost_user(config: FsConfig, socket_path: str | None, *, once: bool = False,
+                           dax_name: str | None = None, dax_size: int = 0,
+                           stats_interval: float = 0, allow_unsealed_memory: bool = False,
+                           listen_fd: int | None = None, on_listening=None,
+                           on_connection=None) -> int:
+    """Serve frontends on `socket_path` one after the other (just one with `once`).
+
+    Guest memory must be sealed against shrinking (a memfd with F_SEAL_SHRINK,
+    as QEMU's memory-backend-memfd makes it) unless `allow_unsealed_memory`:
+    see runtime/guest_memory.py.
+
+    listen_fd: serve on this already-listening socket instead (the launcher owns
+    its path). on_listening(): called once the socket listens; on_connection(conn)
+    for each frontend. Returns the exit status; user errors are one line on
+    stderr. Cancelling the coroutine (SIGTERM in the CLI) closes the connection
+    and removes the socket.
+    """
+    try:
+        config.root = check_root(config.root)
+        config = virtiofs_config(config, dax_name, dax_size)
+        if config.dax_name or config.dax_size:
+            # Each session makes its window; a bad name or size is said now, once.
+            from actorfs.runtime.ops.filesystem import Filesystem
+
+            Filesystem._make_dax_window(config).close()
+        if listen_fd is not None:
+            listener = adopt_listener(listen_fd)
+        else:
+            listener = bind_socket(socket_path)
+    except (ConfigError, SocketInUse, ValueError) as exc:
+        print(f"actorfs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"actorfs: cannot listen on {socket_path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    ino = os.lstat(socket_path).st_ino if listen_fd is None else None
+    loop = asyncio.get_running_loop()
+    tag = config.extra.get("tag")  # the virtio-fs config space tag, if the frontend asks
+    log.info("waiting for a vhost-user frontend on %s",
+             socket_path if listen_fd is None else f"fd {listen_fd}")
+    if on_listening is not None:
+        on_listening()
+    try:
+        while True:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancel that landed during a teardown was absorbed on the way
+                # (a task group): honour it instead of accepting again.
+                raise asyncio.CancelledError
+            sock, _ = await loop.sock_accept(listener)
+            log.info("frontend connected")
+            try:
+                await serve_connection(config, sock, tag=tag, stats_interval=stats_interval,
+                                       allow_unsealed_memory=allow_unsealed_memory,
+                                       on_connection=on_connection)
+            except Exception as exc:  # e.g. the session could not start: say so, go on
+                log.exception("the connection failed")
+                if once:
+                    print(f"actorfs: serving the frontend failed: {exc}", file=sys.stderr)
+                    return 1
+                continue
+            if once:
+                return 0
+    finally:
+        listener.close()
+        if listen_fd is None:
+            _remove_socket(socket_path, ino)

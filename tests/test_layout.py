@@ -1,0 +1,159 @@
+"""The package layout: one import package (actorfs), imports that point down the
+layers only, and no sys.path edits anywhere in the repository."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+import tomllib
+
+import pytest
+
+import actorfs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Bottom to top. A package may import itself and anything ranked lower; devfuse
+# and vhost (the two transports) share a rank, so neither imports the other.
+RANK = {
+    "core": 0,
+    "host": 1,
+    "actors": 2,
+    "dax": 3,
+    "ops": 4,
+    "fuse": 5,
+    "devfuse": 6,
+    "vhost": 6,
+    "cli": 7,
+    "actorfs": 8,  # actorfs/__init__.py and __main__.py: the public API on top
+}
+
+
+def _sources() -> list[tuple[str, str]]:
+    """(layer, path) of every module of the installed package, from the real files."""
+    out = [("actorfs", os.path.join(REPO, "actorfs", f)) for f in ("__init__.py", "__main__.py")]
+    for name in sorted(os.listdir(os.path.join(REPO, "actors"))):
+        if name.endswith(".py"):
+            out.append(("actors", os.path.join(REPO, "actors", name)))
+    for pkg in sorted(os.listdir(os.path.join(REPO, "runtime"))):
+        d = os.path.join(REPO, "runtime", pkg)
+        if os.path.isdir(d) and os.path.exists(os.path.join(d, "__init__.py")):
+            for name in sorted(os.listdir(d)):
+                if name.endswith(".py"):
+                    out.append((pkg, os.path.join(d, name)))
+    return out
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, REPO)[: -len(".py")].split(os.sep)
+    if rel[-1] == "__init__":
+        rel = rel[:-1]
+    return ".".join(rel if rel[0] == "actorfs" else ["actorfs", *rel])
+
+
+def _imports(path: str) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in the file, at any depth."""
+    tree = ast.parse(open(path).read(), path)
+    me = _module_name(path)
+    package = me if path.endswith("__init__.py") else me.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # `from actorfs.runtime.ops import ops` imports a module: count each name
+            found += [(node.lineno, f"{mod}.{a.name}") for a in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("_load",):
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.append((node.lineno, arg.value))
+    return found
+
+
+def _layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "actorfs":
+        return None
+    if len(parts) == 1:
+        return "actorfs"
+    if parts[1] == "actors":
+        return "actors"
+    if parts[1] == "runtime" and len(parts) > 2:
+        return parts[2] if parts[2] in RANK else None
+    return "actorfs" if parts[1] in ("__main__",) else None
+
+
+SOURCES = _sources()
+
+
+def test_every_layer_is_known():
+    assert {layer for layer, _ in SOURCES} == set(RANK)
+
+
+@pytest.mark.parametrize("layer,path", SOURCES, ids=[os.path.relpath(p, REPO) for _, p in SOURCES])
+def test_imports_point_down(layer, path):
+    bad = []
+    for line, module in _imports(path):
+        top = module.split(".")[0]
+        if top in ("runtime", "actors"):
+            bad.append(f"line {line}: {module} (import it as actorfs.{module})")
+            continue
+        target = _layer_of(module)
+        if target is None or target == layer:
+            continue
+        if RANK[target] >= RANK[layer]:
+            bad.append(f"line {line}: {layer} imports {module} ({target} is not below it)")
+    assert not bad, "\n".join(bad)
+
+
+SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|(\[[^\]]*\])?\s*\+?=)")
+
+
+def _repo_python_files():
+    for d, dirs, files in os.walk(REPO):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("build", "dist")
+                   and not x.endswith(".egg-info") and x != "__pycache__"
+                   and not os.path.islink(os.path.join(d, x))]  # fmt: skip
+        for f in files:
+            if f.endswith(".py"):
+                yield os.path.join(d, f)
+
+
+def test_no_sys_path_edits_anywhere():
+    me = os.path.abspath(__file__)
+    bad = []
+    for path in _repo_python_files():
+        if path == me:
+            continue
+        for n, line in enumerate(open(path, encoding="utf-8"), 1):
+            if SYS_PATH_EDIT.search(line):
+                bad.append(f"{os.path.relpath(path, REPO)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def test_public_api_resolves():
+    for name in actorfs.__all__:
+        assert getattr(actorfs, name) is not None, name
+    assert sorted(dir(actorfs)) == sorted(set(dir(actorfs)))
+
+
+def test_pyproject_lists_every_package():
+    """Packages are listed by hand (actors/ and runtime/ are mapped under actorfs):
+    a subpackage missing from the list would be missing from a wheel."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    want = {"actorfs", "actorfs.actors", "actorfs.runtime"}
+    for pkg in os.listdir(os.path.join(REPO, "runtime")):
+        if os.path.exists(os.path.join(REPO, "runtime", pkg, "__init__.py")):
+            want.add(f"actorfs.runtime.{pkg}")
+    assert listed == want
+    for name in want:
+        importlib.import_module(name)
