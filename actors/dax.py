@@ -22,7 +22,7 @@ Who changes the window is a strategy, the *mapper*:
     MAP_FIXED mmap of the shm fd. Both only edit page tables of this process
     (no disk), so they run in the actor's handler and the table and window
     never disagree. A split of a mapping needs no syscall at all.
-- `runtime.dax_channel.ChannelMapper`: an out-of-process hypervisor maps the
+- `actorfs.runtime.dax.channel.ChannelMapper`: an out-of-process hypervisor maps the
   same shm object itself; every change is sent to it as a vhost-user
   SHMEM_MAP / SHMEM_UNMAP message with the fd (see that module).
 
@@ -211,7 +211,7 @@ class DaxWindow(Actor):
     The table is ordered by window offset (a SortedList of starts), so finding
     the entries a range touches costs O(log M): a REMOVEMAPPING of N ranges over
     M entries costs O((N + M) log M). `_setup` and `_remove` are stepped
-    handlers (runtime.actor): they yield after each range or entry, so a request
+    handlers (actorfs.runtime.core.actor): they yield after each range or entry, so a request
     with thousands of ranges gives the event loop back every few milliseconds.
     """
 

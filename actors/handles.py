@@ -5,7 +5,7 @@ reused while the server runs, so a stale fh from a confused or hostile client
 gets EBADF instead of someone else's file.
 
 A directory handle holds only its fd: READDIR reads from the host at the
-host's own offsets each time (runtime/dirstream.py), so a handle costs no
+host's own offsets each time (runtime/ops/dirstream.py), so a handle costs no
 memory beyond the fd however large the directory.
 
 Handle fds count against the fd budget they share with the inode table's

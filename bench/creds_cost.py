@@ -1,6 +1,6 @@
-"""Cost of one credential switch + restore (runtime/creds.py), in microseconds.
+"""Cost of one credential switch + restore (runtime/ops/creds.py), in microseconds.
 
-    sudo python3 bench/creds_cost.py [N]
+    sudo python3 -m bench.creds_cost [N]
 
 Prints the median per-call time of: a bare call; run_as without
 supplementary groups (a virtio-fs request); run_as with the groups read from

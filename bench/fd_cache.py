@@ -1,6 +1,6 @@
 """The cost of the inode table's fd cache (issue 15): eviction and reopen.
 
-`python3 bench/fd_cache.py [--files N] [--tree N] [--limit 1024]` (root, for
+`python3 -m bench.fd_cache [--files N] [--tree N] [--limit 1024]` (root, for
 the mount part and reopening by handle). Two parts, each against native on
 the same tmpfs in the same run:
 

@@ -10,7 +10,7 @@ The guest runs under TCG (see tests/guest/run.py: KVM hangs in early boot on
 these nested machines), so every figure includes instruction emulation; the
 ratio between the two backends is the point, not the absolute time.
 
-`python3 bench/guest.py` runs it alone and prints the figures.
+`python3 -m bench.guest` runs it alone and prints the figures.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The server's own cost per op, without the kernel: frames straight into the dispatcher.
 
-`python3 bench/microbench.py [--n N] [--concurrency C] [--profile out.html]`
+`python3 -m bench.microbench [--n N] [--concurrency C] [--profile out.html]`
 
 Builds FUSE request frames with protocol.encode_request, submits them to a
 Dispatcher over a real Filesystem on a directory (tmpfs by default), and times

@@ -1,6 +1,6 @@
 """Bar charts beside the benchmark tables: each target's ratio to native, per workload.
 
-    python3 bench/plots.py docs/BENCHMARKS.md      # what bench/run.py does after writing it
+    python3 -m bench.plots docs/BENCHMARKS.md      # what bench/run.py does after writing it
 
 Reads the report's own tables (so the pictures always show the figures
 printed next to them), writes one PNG per workload table into plots/ beside

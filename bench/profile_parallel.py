@@ -1,4 +1,4 @@
-"""Where the time goes with parallel metadata clients: `python3 bench/profile_parallel.py`.
+"""Where the time goes with parallel metadata clients: `python3 -m bench.profile_parallel`.
 
 Four processes create/stat/rename/unlink files, each in its own directory
 (bench/workloads.py `parallel`), against actorfs over a fresh tmpfs, once per

@@ -242,9 +242,9 @@ def render(meta: dict, targets: list[Target], results: list[dict], notes: list[s
     out = [
         "# actorfs benchmarks",
         "",
-        f"Written by `{meta.get('command', 'python3 bench/run.py')}` (do not edit by hand; "
+        f"Written by `{meta.get('command', 'python3 -m bench.run')}` (do not edit by hand; "
         "notes below the tables come from bench/notes.md). To measure again, as root: "
-        "`python3 bench/run.py`, one command for everything below (about 5-8 minutes on a "
+        "`python3 -m bench.run`, one command for everything below (about 5-8 minutes on a "
         "quiet 2-CPU VM; run it on a quiet machine, the ratios move with the load).",
         "",
         f"- date: {meta['date']}",

@@ -1,4 +1,4 @@
-"""The benchmark: `python3 bench/run.py [--quick] [--all-modes] [--repeat N]`.
+"""The benchmark: `python3 -m bench.run [--quick] [--all-modes] [--repeat N]`.
 
 By default: the issue's targets table. Every workload (bench/workloads.py)
 against native tmpfs and against actorfs with DEFAULT options (passthrough
@@ -144,7 +144,7 @@ def vhost_cpu_section() -> str:
         "### vhost-user: the server's CPU per request (bench/vhost_cpu.py)\n\n"
         "A Python frontend plays VMM and guest driver (no guest, no KVM), one request in "
         "flight; CPU time of the server process (all threads) per 1,000 requests. "
-        "`python3 bench/vhost_cpu.py --profile` adds cProfile call counts per request.\n\n"
+        "`python3 -m bench.vhost_cpu --profile` adds cProfile call counts per request.\n\n"
         + p.stdout.strip()
     )
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "passthrough": "; ".join(f"{k}: {v}" for k, v in PASSTHROUGH.items()),
         "conditions": args.conditions or f"Load average at the start: {load_at_start}.",
         "elapsed": f"{time.monotonic() - started:.0f} s",
-        "command": "python3 bench/run.py" + _shown_args(argv if argv is not None else sys.argv[1:]),
+        "command": "python3 -m bench.run" + _shown_args(argv if argv is not None else sys.argv[1:]),
     }
     text = report.render(meta, targets, results, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

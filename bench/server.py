@@ -1,8 +1,8 @@
 """actorfs under the benchmark: a mount in a separate process whose stats we can read.
 
-Server side (`python3 bench/server.py SRC MNT STATS_FILE [mount options]`): the
+Server side (`python3 -m bench.server SRC MNT STATS_FILE [mount options]`): the
 same thing `actorfs mount SRC MNT -f [options]` runs (the CLI's parser, config
-and event loop, the runtime.server API), plus: on SIGUSR1 it writes
+and event loop, the actorfs.runtime.devfuse.server API), plus: on SIGUSR1 it writes
 `MountedServer.stats()` as JSON to STATS_FILE and prints `stats` on stdout;
 on SIGTERM it unmounts and exits.
 

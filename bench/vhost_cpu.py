@@ -1,6 +1,6 @@
-"""CPU per request on the vhost-user path: `python3 bench/vhost_cpu.py [--n N] [--profile]`.
+"""CPU per request on the vhost-user path: `python3 -m bench.vhost_cpu [--n N] [--profile]`.
 
-A Python vhost-user frontend (tests/vhost_frontend.py: what a VMM and a guest
+A Python vhost-user frontend (tests/support/vhost_frontend.py: what a VMM and a guest
 driver do) sends FUSE requests one at a time over a split virtqueue in a memfd,
 to `actorfs serve` and to virtiofsd (/usr/lib/qemu/virtiofsd, when installed),
 each serving a fresh tmpfs directory. Per phase it reports the server's CPU

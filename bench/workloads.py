@@ -1,6 +1,6 @@
 """The benchmark workloads: each runs against one directory and returns its figures.
 
-Run as a child process of bench/run.py (`python3 bench/workloads.py NAME DIR JSON`)
+Run as a child process of bench/run.py (`python3 -m bench.workloads NAME DIR JSON`)
 so the client is a fresh process, as a real program on the mount would be; it
 prints one JSON object of figures. The client is the same for every target
 (native directory, actorfs in each mode), so ratios compare like with like.

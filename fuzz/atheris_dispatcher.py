@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing of the decoder and the dispatcher over a real op layer.
 
-    python3 fuzz/atheris_dispatcher.py [libFuzzer options] [CORPUS_DIR ...]
-    e.g. python3 fuzz/atheris_dispatcher.py -max_total_time=600 /tmp/corpus
+    python3 -m fuzz.atheris_dispatcher [libFuzzer options] [CORPUS_DIR ...]
+    e.g. python3 -m fuzz.atheris_dispatcher -max_total_time=600 /tmp/corpus
 
 One input is a session: records of (u8 flags, u16 length, frame bytes). Each
 frame goes through `protocol.decode` and `Dispatcher.submit` of one long-lived
@@ -12,7 +12,7 @@ root. A crash is any exception out of the dispatcher, a request without its
 one reply (or a reply to FORGET & co.), a reply with a bad header, or a hang.
 
 Found crashes are kept under tests/fuzz_corpus/ and replayed by
-tests/test_fuzz_corpus.py (which needs no atheris).
+tests/unit/fuse/test_fuzz_corpus.py (which needs no atheris).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 
 try:
     import atheris
-except ImportError:  # the harness is also used by tests/test_fuzz_corpus.py
+except ImportError:  # the harness is also used by tests/unit/fuse/test_fuzz_corpus.py
     atheris = None
 
 if atheris is not None:

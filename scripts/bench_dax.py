@@ -1,6 +1,6 @@
 """Benchmark (not a test): read a large file through the DAX window vs. READ through the op layer.
 
-    python3 scripts/bench_dax.py [--size-mib 256] [--chunk-kib 128] [--rounds 3]
+    python3 -m scripts.bench_dax [--size-mib 256] [--chunk-kib 128] [--rounds 3]
 
 Both paths read the same warm file in the same chunk size and copy each chunk
 into a Python bytes object. The op-layer path is what a FUSE READ costs

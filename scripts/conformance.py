@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPython's own filesystem test modules, on a mount and natively, compared.
 
-    python3 scripts/conformance.py [--out docs/CONFORMANCE.md] [--modules test_os ...]
+    python3 -m scripts.conformance [--out docs/CONFORMANCE.md] [--modules test_os ...]
 
 Mounts a fresh source directory with the defaults (`actorfs mount SRC MNT`),
 then runs each module with `python3 -m test` twice in the same run: once with
@@ -141,7 +141,7 @@ def report(results: list, options: list[str], seconds: float) -> str:
     lines = [
         "# CPython's filesystem tests on a mount and natively",
         "",
-        "Written by `python3 scripts/conformance.py` (do not edit by hand). Each module of",
+        "Written by `python3 -m scripts.conformance` (do not edit by hand). Each module of",
         "CPython's own test suite runs twice in the same run with `python3 -m test`: with",
         "its working directory and TMPDIR inside a default mount (`actorfs mount SRC MNT"
         + (" " + " ".join(options) if options else "") + "`), and in a plain directory on",

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Soak: a real mount, several client processes doing a random mix of ops, for a fixed time.
 
-    python3 scripts/soak.py --seconds 3600 --clients 8 [--stress] [--json out.json]
+    python3 -m scripts.soak --seconds 3600 --clients 8 [--stress] [--json out.json]
 
-The server runs in this process (the embedding API, runtime.server.mount), so
+The server runs in this process (the embedding API, actorfs.runtime.devfuse.server.mount), so
 its RSS, fd count, inode-table and handle counts are sampled directly. Each
 client owns a directory (every read is checked against what it wrote: a lost
 or torn write fails the run) and shares another with the others (races, errors

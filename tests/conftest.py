@@ -26,7 +26,7 @@ def pytest_asyncio_loop_factories(config, item):
 @pytest.fixture(params=["pool", "inline"])
 def syscall_mode(request):
     """Run an op-level test twice: syscalls in the blocking pool, and inline on
-    the loop (what a tmpfs root gets: runtime/backing_fs.py)."""
+    the loop (what a tmpfs root gets: runtime/host/backing_fs.py)."""
     from tests.support import helpers_fs
 
     helpers_fs.INLINE["mode"] = "never" if request.param == "pool" else "always"

@@ -1,6 +1,6 @@
 """`actorfs stats MNT|SOCKET`: a running server's per-op figures, refreshed in place.
 
-Reads the server's stats socket (runtime/observe.py) every interval and shows,
+Reads the server's stats socket (runtime/cli/observe.py) every interval and shows,
 per op: requests per second over the last interval, total requests, errors,
 and p50 / p99 latency (log2 buckets: exact to a factor of two), from the
 interval's own histogram when it saw requests, else since the start. Drawn

@@ -1,7 +1,7 @@
 """Start a coroutine eagerly: run its first step now, make a task only if it waits.
 
 Most requests finish without ever waiting (syscalls inline on a tmpfs root,
-actors that are idle: runtime/actor.py), and for those a task per request
+actors that are idle: runtime/core/actor.py), and for those a task per request
 is pure cost: creating and scheduling one takes longer than the whole op.
 This is what Python 3.12's eager tasks do, written for 3.11 as well.
 

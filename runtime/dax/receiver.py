@@ -10,7 +10,7 @@ non-zero reply (when one is asked for) and changes nothing.
 
 Run as a process for tests and experiments:
 
-    python -m runtime.dax_receiver --window NAME --fd N
+    python -m actorfs.runtime.dax.receiver --window NAME --fd N
 
 serves the channel on inherited fd N in a thread, and answers line commands
 on stdin (`sha256 OFF LEN`, `read OFF LEN`, `write OFF HEX`, `msync OFF LEN`,

@@ -8,7 +8,7 @@ each request and write whatever `send` is handed.
   for a slot, so a transport reading faster than ops complete just stops
   reading (the kernel queues) instead of growing an unbounded task set.
 - Every request starts at once in the submitting task and runs there up to
-  its first wait (runtime/eager.py); only one that waits gets its own task.
+  its first wait (runtime/core/eager.py); only one that waits gets its own task.
   Each replies exactly once (never for FORGET, BATCH_FORGET, INTERRUPT,
   NOTIFY_REPLY), with -errno on any failure.
 - INIT is negotiated here; INTERRUPT cancels the target task (for ops that are
@@ -228,7 +228,7 @@ class Dispatcher:
         self.fs = fs
         self.transport = transport
         if transport == "virtiofs":
-            fs.host_callers = False  # guest pids name no host process (runtime/creds.py)
+            fs.host_callers = False  # guest pids name no host process (runtime/ops/creds.py)
         self.max_in_flight = max_in_flight
         # The op layer; tests may pass their own namespace.
         self.ops = ops if ops is not None else _load("actorfs.runtime.ops.ops")
@@ -322,7 +322,7 @@ class Dispatcher:
         if orphan:
             self._interrupt_flight(unique, flight)
         # The request runs now, in this task, up to its first wait: most finish
-        # there (runtime/eager.py), and only one that waits gets a task.
+        # there (runtime/core/eager.py), and only one that waits gets a task.
         try:
             task = eager.start(self._run(handler, req, send, t0, flight), asyncio.get_running_loop())
         except BaseException:
@@ -476,7 +476,7 @@ class Dispatcher:
         # it now would skip its body, and with it the EINTR reply.
         if flight.started and flight.task is not None:
             # Not at once: the task that finishes an eagerly started request
-            # (runtime/eager.py) might not have taken its first step yet, and
+            # (runtime/core/eager.py) might not have taken its first step yet, and
             # cancelled then it would die before resuming the request: no reply
             # ever, and the caller stuck for good. Its first step is already
             # queued, so a callback queued now runs after it.

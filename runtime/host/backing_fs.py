@@ -1,6 +1,6 @@
 """What kind of filesystem holds the root, and whether its syscalls can block.
 
-DESIGN.md keeps every syscall that can block (anything that touches a disk)
+docs/DESIGN.md keeps every syscall that can block (anything that touches a disk)
 off the event loop. On a memory-backed root (tmpfs, ramfs) no syscall of an op
 ever waits for a device: the page cache *is* the storage. There the thread
 hop of the blocking pool (20-40 us on a 2-core machine, more than the syscall
@@ -13,7 +13,7 @@ and FUSE filesystems may go out for attributes, so they keep the pool.
 
 Inline stays off, whatever the root, when a syscall of an op could wait for
 this very server: with `--symlinks follow` (a lookup walks a link's target
-anywhere on the host; runtime/follow.py refuses our own mount, but other
+anywhere on the host; runtime/ops/follow.py refuses our own mount, but other
 network or FUSE mounts on the way may still wait), and when our mountpoint lies
 beneath the root (a lookup of its name would stat our own mount root).
 """

@@ -70,7 +70,7 @@ class FsConfig:
     watch: bool | None = None
     # Op syscalls on the event loop instead of the blocking pool: "auto" when
     # the root is memory-backed (nothing can wait for a disk), "always" (an
-    # embedder that knows its root never blocks), "never". runtime/backing_fs.py.
+    # embedder that knows its root never blocks), "never". runtime/host/backing_fs.py.
     inline: str = "auto"
     extra: dict = field(default_factory=dict)
 
@@ -172,11 +172,11 @@ class Filesystem:
         self.euid = os.geteuid()
         self.egid = os.getegid()
         # Requests come from host processes (/dev/fuse): their pids name them,
-        # and changes run with their credentials (runtime/creds.py). The
+        # and changes run with their credentials (runtime/ops/creds.py). The
         # virtio-fs dispatcher clears it: a guest's pid means nothing here.
         self.host_callers = True
         self.pool = BlockingPool(config.pool_workers)
-        # Whether ops run their syscalls on the loop (runtime/backing_fs.py).
+        # Whether ops run their syscalls on the loop (runtime/host/backing_fs.py).
         self.inline = inline_syscalls(config.inline, config.root, config.symlinks)
         # fstat of a held fd on the loop: wherever it reads only memory.
         self.inline_fstat = self.inline or (

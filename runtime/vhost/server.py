@@ -246,7 +246,7 @@ class QueueRunner:
             if task is not None and task.cancelling():
                 raise
             # Not our cancellation: the request's own first step (run in this task,
-            # runtime/eager.py) ended with one. Only that request fails.
+            # runtime/core/eager.py) ended with one. Only that request fails.
             log.warning("queue %d: request %d was cancelled from within; answered EIO",
                         vq.index, unique)
         except Exception:
@@ -578,7 +578,7 @@ async def serve_vhost_user(config: FsConfig, socket_path: str | None, *, once: b
 
     Guest memory must be sealed against shrinking (a memfd with F_SEAL_SHRINK,
     as QEMU's memory-backend-memfd makes it) unless `allow_unsealed_memory`:
-    see runtime/guest_memory.py.
+    see runtime/vhost/guest_memory.py.
 
     listen_fd: serve on this already-listening socket instead (the launcher owns
     its path). on_listening(): called once the socket listens; on_connection(conn)

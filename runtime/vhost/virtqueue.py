@@ -10,7 +10,7 @@ The device pops a chain head from the available ring, walks the chain (the
 device-readable part carries the FUSE request, the device-writable part gets
 the reply), then puts {head, bytes written} in the used ring and bumps used.idx.
 
-Guest memory is untrusted; unsealed guest memory (see runtime/guest_memory.py)
+Guest memory is untrusted; unsealed guest memory (see runtime/vhost/guest_memory.py)
 is checked for shrinking before the rings or buffers are touched. A chain that points outside guest memory, loops,
 is longer than the queue, nests indirect tables or puts readable after
 writable buffers comes back as a Chain with `error` set (the caller returns it

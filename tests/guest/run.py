@@ -1,6 +1,6 @@
 """Boot the test guest against a vhost-user-fs backend and collect what happened.
 
-Used by tests/test_guest_e2e.py, and usable by a benchmark to run the same
+Used by tests/guest/test_guest_e2e.py, and usable by a benchmark to run the same
 guest workload against actorfs and against Debian's reference daemon:
 
     python3 -m tests.guest.run            # both, one after the other, with timings

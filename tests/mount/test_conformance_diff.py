@@ -1,4 +1,4 @@
-"""A differential test: one sequence of operations (tests/conformance_seq.py,
+"""A differential test: one sequence of operations (tests/support/conformance_seq.py,
 a few hundred checks over every op and file type) runs on a mount and on a
 plain directory of the same tmpfs, as root, as nobody (65534) and as uid 4242
 with a supplementary group, under the default cache and `--cache never`.

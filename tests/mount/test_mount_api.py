@@ -1,4 +1,4 @@
-"""The embedding API (runtime.server): mount from inside an asyncio program.
+"""The embedding API (actorfs.runtime.devfuse.server): mount from inside an asyncio program.
 
 Programs using the mount run as subprocesses: this process serves it on its
 event loop, so it must never touch the mount itself.

@@ -1,5 +1,5 @@
 """Directories through a real mount: many handles on a big directory cost the
-server no memory per handle, and telldir/seekdir work (runtime/dirstream.py)."""
+server no memory per handle, and telldir/seekdir work (runtime/ops/dirstream.py)."""
 
 from __future__ import annotations
 

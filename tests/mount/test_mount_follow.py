@@ -1,6 +1,6 @@
 """`--symlinks follow` never waits on itself: host links that lead back through
 the server's own mountpoint fail (ELOOP) in bounded time, and the mount keeps
-answering (runtime/follow.py).
+answering (runtime/ops/follow.py).
 
 Every access to the mount runs in a subprocess with a timeout, and the fixture
 aborts the FUSE connection if anything is still stuck, so a regression fails

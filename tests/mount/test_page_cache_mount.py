@@ -7,7 +7,7 @@ the mtime, and is seen at the next open or, through a file held open, once the
 attribute timeout lets a GETATTR show it (FUSE_AUTO_INVAL_DATA).
 
 Passthrough is off here: with it the kernel reads the host file itself and no
-page cache of ours is involved (tests/test_passthrough_mount.py).
+page cache of ours is involved (tests/mount/test_passthrough_mount.py).
 """
 
 from __future__ import annotations

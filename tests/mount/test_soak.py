@@ -3,7 +3,7 @@
 Several client processes do a random mix of ops on a real mount (each checks
 every read against what it wrote); afterwards the kernel drops its caches and
 the server's RSS, fd count and inode table must be back where they were after
-warm-up, with no handle left. Long runs: `python3 scripts/soak.py --seconds 3600
+warm-up, with no handle left. Long runs: `python3 -m scripts.soak --seconds 3600
 --clients 8 --stress` (figures in docs/RELIABILITY.md).
 """
 

@@ -1,7 +1,7 @@
 """One sequence of filesystem operations, run in a child process, printing its
 results as JSON: `python3 conformance_seq.py DIR UID GID GROUPS OTHER_UID`.
 
-tests/test_conformance_diff.py runs it on a mount and on a plain directory of
+tests/mount/test_conformance_diff.py runs it on a mount and on a plain directory of
 the same filesystem, as root and as non-root users, and diffs the outputs.
 Each check records a return value, an errno name, or the lstat fields that
 must match (type, permission bits, nlink, uid, gid, size, rdev) and time

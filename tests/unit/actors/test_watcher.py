@@ -20,7 +20,7 @@ from actorfs.runtime.ops.filesystem import Filesystem, FsConfig
 
 
 class Recorder:
-    """Implements the Notifier methods (coroutines, as runtime/notify.py declares them)."""
+    """Implements the Notifier methods (coroutines, as runtime/fuse/notify.py declares them)."""
 
     def __init__(self, delete_ok: bool = True, on_inode=None):
         self.calls: list[tuple] = []

@@ -1,4 +1,4 @@
-"""runtime/eager.py: a coroutine's first step runs now; a task only if it waits."""
+"""runtime/core/eager.py: a coroutine's first step runs now; a task only if it waits."""
 
 from __future__ import annotations
 

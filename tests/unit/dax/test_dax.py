@@ -388,7 +388,7 @@ async def test_ops_without_window_and_read_only_fs(tmp_path):
 
 
 class ReceiverProcess:
-    """runtime.dax_receiver in another process, on one end of a socketpair."""
+    """actorfs.runtime.dax.receiver in another process, on one end of a socketpair."""
 
     def __init__(self, name: str, sock: socket.socket):
         self.proc = subprocess.Popen(

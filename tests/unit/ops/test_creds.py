@@ -1,4 +1,4 @@
-"""Per-thread credentials (runtime/creds.py) and the ops that run with them.
+"""Per-thread credentials (runtime/ops/creds.py) and the ops that run with them.
 
 The units check that a switch takes, is verified, is restored (also on an
 error), stays on its own thread, and carries the requester's supplementary

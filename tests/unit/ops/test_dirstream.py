@@ -1,4 +1,4 @@
-"""Directory streams (runtime/dirstream.py): host cookies as READDIR offsets,
+"""Directory streams (runtime/ops/dirstream.py): host cookies as READDIR offsets,
 no per-handle copy of the listing, stable under concurrent create/unlink."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""runtime/follow.py at op level: links are walked component by component and a
+"""runtime/ops/follow.py at op level: links are walked component by component and a
 walk into a mount this process serves fails with ELOOP.
 
 A tmpfs directory (/dev/shm) stands in for "our own mount": its device is

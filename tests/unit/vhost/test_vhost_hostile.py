@@ -2,7 +2,7 @@
 
 The backend runs as a child process, the command users run, so that a death
 (SIGBUS), a hang or a core spent spinning shows as exactly that. A hostile
-frontend (tests/vhost_frontend.py) performs each attack; afterwards the child
+frontend (tests/support/vhost_frontend.py) performs each attack; afterwards the child
 must still be alive and serve a fresh, well-behaved frontend (INIT, LOOKUP,
 OPEN, READ), and must still exit on SIGTERM.
 """
@@ -31,12 +31,12 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[3]
 CONTENT = b"served to a well-behaved frontend\n"
 FUSE_LOOKUP, FUSE_GETATTR, FUSE_OPEN, FUSE_READ, FUSE_INIT = 1, 3, 14, 15, 26
-HANDSHAKE_TIMEOUT = 5.0  # runtime/vhost_server.py: what a frontend may take before SET_OWNER
+HANDSHAKE_TIMEOUT = 5.0  # runtime/vhost/server.py: what a frontend may take before SET_OWNER
 EVENTFD_MAX = 0xFFFFFFFFFFFFFFFE
 
 
 class Backend:
-    """`python3 -m runtime.cli serve --socket SOCK ROOT` as a child, with this checkout."""
+    """`python3 -m actorfs.runtime.cli.main serve --socket SOCK ROOT` as a child, with this checkout."""
 
     def __init__(self, tmp_path: Path, *options: str):
         tmp_path.mkdir(parents=True, exist_ok=True)

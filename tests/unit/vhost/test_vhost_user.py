@@ -1,4 +1,4 @@
-"""The vhost-user transport, driven by a Python frontend (tests/vhost_frontend.py).
+"""The vhost-user transport, driven by a Python frontend (tests/support/vhost_frontend.py).
 
 The backend runs on its own event loop in a thread, the frontend is plain
 blocking code playing VMM and guest driver over a shared memfd. The transport
@@ -44,7 +44,7 @@ FORGET = 2
 
 
 class EchoDispatcher:
-    """Stands in for runtime.dispatcher: same submit(frame, send) contract."""
+    """Stands in for actorfs.runtime.fuse.dispatcher: same submit(frame, send) contract."""
 
     def __init__(self):
         self.frames: list[bytes] = []
@@ -607,10 +607,9 @@ def _init(q):
     assert major == 7
 
 
-# "always": what a tmpfs root gets, syscalls inline on the loop (runtime/backing_fs.py).
+# "always": what a tmpfs root gets, syscalls inline on the loop (runtime/host/backing_fs.py).
 @pytest.mark.parametrize("inline", ["never", "always"])
 def test_fuse_session_over_virtio(tmp_path, inline):
-    pytest.importorskip("actorfs.runtime.fuse.dispatcher")
     root, path, server = _fs_server(tmp_path, inline=inline)
     (root / "hello.txt").write_bytes(b"hello from the host\n")
     fe = Frontend(path)
@@ -648,7 +647,6 @@ def test_fuse_session_over_virtio(tmp_path, inline):
 
 
 def test_once_exits_after_the_frontend_leaves(tmp_path):
-    pytest.importorskip("actorfs.runtime.fuse.dispatcher")
     root, path, server = _fs_server(tmp_path, once=True)
     fe = Frontend(path)
     fe.start()
@@ -660,7 +658,6 @@ def test_once_exits_after_the_frontend_leaves(tmp_path):
 
 
 def test_dax_setupmapping_goes_over_the_backend_channel(tmp_path):
-    pytest.importorskip("actorfs.runtime.dax.channel")
     root = tmp_path / "root"
     root.mkdir()
     (root / "mapped").write_bytes(b"m" * 8192)
@@ -718,7 +715,6 @@ def test_dax_setupmapping_goes_over_the_backend_channel(tmp_path):
 
 @pytest.mark.parametrize("inline", ["never", "always"])
 def test_many_fuse_requests_in_flight(tmp_path, inline):
-    pytest.importorskip("actorfs.runtime.fuse.dispatcher")
     root, path, server = _fs_server(tmp_path, inline=inline)
     for i in range(40):
         (root / f"f{i}").write_bytes(b"x" * i)
@@ -817,7 +813,6 @@ def test_descriptor_walker_never_escapes_guest_memory():
 
 def test_second_init_starts_a_new_session(tmp_path):
     """A guest reset without unmounting: rings set up again, INIT again, clean slate."""
-    pytest.importorskip("actorfs.runtime.fuse.dispatcher")
     root, path, server = _fs_server(tmp_path)
     (root / "a").write_text("x")
     fe = Frontend(path)
