@@ -77,13 +77,6 @@ def _encode_dev(dev: int) -> int:
     return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
 
 
-def decode_dev(rdev: int) -> int:
-    """Inverse of the kernel's new_encode_dev, for MKNOD's 32-bit rdev."""
-    major = (rdev & 0xFFF00) >> 8
-    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
-    return os.makedev(major, minor)
-
-
 @dataclass(slots=True)
 class Entry:
     """struct fuse_entry_out. Every Entry handed to a client adds one lookup."""

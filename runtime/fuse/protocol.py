@@ -83,7 +83,7 @@ FUSE_REQUEST_TIMEOUT = 1 << 42
 # The kernel refuses a stack depth above FILESYSTEM_MAX_STACK_DEPTH.
 FILESYSTEM_MAX_STACK_DEPTH = 2
 
-# fuse_open_out.open_flags (FOPEN_PASSTHROUGH is 7.40): defined once, in runtime.attrs.
+# fuse_open_out.open_flags (FOPEN_PASSTHROUGH is 7.40): defined once, in actorfs.runtime.core.attrs.
 from actorfs.runtime.core.attrs import (  # noqa: E402, F401 (re-exported for protocol users)
     FOPEN_CACHE_DIR,
     FOPEN_DIRECT_IO,
@@ -663,9 +663,6 @@ _R_WRITE = _out_struct("fuse_write_out")
 _R_STATFS = _out_struct("fuse_statfs_out")
 _R_XATTR = _out_struct("fuse_getxattr_out")
 _R_LSEEK = _out_struct("fuse_lseek_out")
-_R_BMAP = _out_struct("fuse_bmap_out")
-_R_POLL = _out_struct("fuse_poll_out")
-_R_LK = _out_struct("fuse_lk_out")
 _R_INIT = _out_struct("fuse_init_out")
 _DIRENT = LAYOUT["fuse_dirent"].struct
 _ENTRY_DIRENT = struct.Struct("<" + LAYOUT["fuse_entry_out"].fmt + LAYOUT["fuse_dirent"].fmt)
@@ -760,18 +757,6 @@ def reply_xattr_size(unique: int, size: int) -> Iov:
 
 def reply_lseek(unique: int, offset: int) -> Iov:
     return [_R_LSEEK.pack(_R_LSEEK.size, 0, unique, offset)]
-
-
-def reply_bmap(unique: int, block: int) -> Iov:
-    return [_R_BMAP.pack(_R_BMAP.size, 0, unique, block)]
-
-
-def reply_poll(unique: int, revents: int) -> Iov:
-    return [_R_POLL.pack(_R_POLL.size, 0, unique, revents)]
-
-
-def reply_lk(unique: int, start: int, end: int, type_: int, pid: int) -> Iov:
-    return [_R_LK.pack(_R_LK.size, 0, unique, start, end, type_, pid)]
 
 
 def reply_init(unique: int, **fields: int) -> Iov:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 
 from actorfs.actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
 from actorfs.runtime.core.attrs import (
@@ -103,7 +102,7 @@ def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool)
         if stat.S_ISLNK(st.st_mode):
             if policy == "follow":
                 # The client sees the target (lstat fallback when broken),
-                # resolved by runtime/follow.py: never through our own mount.
+                # resolved by runtime/ops/follow.py: never through our own mount.
                 try:
                     tfd = follow.open_target(pfd, name)
                 except OSError:
@@ -171,7 +170,7 @@ def _leaves_root(pfd: int, fd: int, root: bytes) -> bool:
 def _creator(fs: Filesystem, ctx: RequestContext) -> creds.Creds | None:
     """Who a create op (mkdir, mknod, symlink, create, link) runs as: the
     requester, on both transports, so the new object is theirs from birth and
-    nothing is chowned after the fact (runtime/creds.py). None: as the server
+    nothing is chowned after the fact (runtime/ops/creds.py). None: as the server
     (a request by the server's own uid/gid, or a server that is not root).
     Supplementary groups only for a host process (/dev/fuse)."""
     if not creds.needed(fs.euid, fs.egid, ctx.uid, ctx.gid):
@@ -331,15 +330,6 @@ def _job_setattr(
 
 
 def _fsync_fd(fd: int, datasync: bool) -> None:
-    if sys.platform == "darwin" and not os.environ.get("ACTORFS_FSYNC_WEAK"):
-        import fcntl
-
-        try:  # the strong form: flush the drive's cache too (as the reference)
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)  # type: ignore[attr-defined]
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.EINVAL):
-                raise
     if datasync:
         os.fdatasync(fd)
     else:
@@ -363,8 +353,8 @@ def _job_xattr(fd: int, kind: int, fn, *args):
 
 async def _pool(fs: Filesystem, fds, fn, *args, inline: bool | None = None, creds=None):
     """Run a job that owns `fds`: on the loop when it cannot block (`inline`,
-    by default fs.inline: runtime/backing_fs.py), else in the blocking pool.
-    With `creds` (runtime/creds.py) the job runs with those credentials on
+    by default fs.inline: runtime/host/backing_fs.py), else in the blocking pool.
+    With `creds` (runtime/ops/creds.py) the job runs with those credentials on
     whichever thread runs it, restored before that thread does anything else."""
     if creds is not None:
         fn, args = _run_as, (creds, fn, *args)
@@ -824,7 +814,7 @@ async def opendir(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int =
 
 
 async def _dir_batch(fs: Filesystem, fh: int, offset: int, size: int) -> list:
-    """Host entries from cookie `offset` (runtime/dirstream.py): nothing is kept per handle."""
+    """Host entries from cookie `offset` (runtime/ops/dirstream.py): nothing is kept per handle."""
     dfd = await fs.handles.dup_fd(fh, want_dir=True)
     return await _pool(fs, (dfd,), dirstream.read, dfd, offset, size, fh)
 

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from actorfs.runtime.core.attrs import DT_DIR, DT_REG, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
-from actorfs.runtime.core.errno_map import identity_errno, macos_to_linux_errno
+from actorfs.runtime.core.errno_map import FsError, linux_errno_of
 from actorfs.runtime.ops.snapshot import SnapshotError, SnapshotTruncated, restore, snapshot
 from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running
 
@@ -202,14 +202,12 @@ async def test_rmdir_empty_succeeds(tmp_path):
     assert not (tmp_path / "sub").exists()
 
 
-def test_host_to_linux_errno_table():
-    t = macos_to_linux_errno
-    assert (t(35), t(11), t(63), t(78), t(66), t(62), t(84)) == (11, 35, 36, 38, 39, 40, 75)
-    assert (t(38), t(102), t(45), t(60), t(61), t(36), t(70)) == (88, 95, 95, 110, 111, 115, 116)
-    assert (t(89), t(105), t(104), t(93), t(96)) == (125, 130, 131, 61, 61)
-    for e in (1, 2, 4, 5, 22, 34):  # the shared POSIX range passes through
-        assert t(e) == e
-    assert identity_errno(39) == 39
+def test_linux_errno_of_an_op_error():
+    for e in (1, 2, 4, 5, 22, 34, 39, 61, 95, 110, 125):  # a Linux host's errno is the reply's
+        assert linux_errno_of(OSError(e, "x")) == e
+        assert linux_errno_of(FsError(e)) == e
+    assert linux_errno_of(OSError()) == errno.EIO
+    assert linux_errno_of(ValueError("x")) == errno.EIO
 
 
 async def test_setattr_chmod(tmp_path):
