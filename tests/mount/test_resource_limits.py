@@ -30,7 +30,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 def run_py(code: str, timeout: float = 120) -> str:
     """Run a snippet in a fresh interpreter (process-wide limits, peak RSS); its stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    env = dict(os.environ, PYTHONPATH=REPO)
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
