@@ -51,8 +51,8 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.core.actor import Actor
-from actorfs.runtime.core.attrs import FUSE_ROOT_ID
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.host import syscalls
 

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from actorfs.actors.inode_table import KIND_DIR
+from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.core.actor import Actor
-from actorfs.runtime.core.attrs import FUSE_ROOT_ID
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.host import inotify
 

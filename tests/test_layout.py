@@ -157,3 +157,32 @@ def test_pyproject_lists_every_package():
     assert listed == want
     for name in want:
         importlib.import_module(name)
+
+
+def test_fuse_abi_values_are_defined_once():
+    """The FUSE ABI values core/abi.py holds (root id, setattr and open bits, dirent
+    sizes, the largest transfer, the header peek) are assigned nowhere else: other
+    modules import them, so two copies can never drift apart."""
+    abi_path = os.path.join(REPO, "runtime", "core", "abi.py")
+    with open(abi_path) as f:
+        tree = ast.parse(f.read())
+    defined = {t.id for node in tree.body if isinstance(node, ast.Assign)
+               for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_")}
+    defined |= {node.name for node in tree.body
+                if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_")}
+    assert {"FUSE_ROOT_ID", "FATTR_KILL_SUIDGID", "dirent_size", "peek_header"} <= defined
+    copies = []
+    for _layer, path in _sources():
+        if os.path.samefile(path, abi_path):
+            continue
+        with open(path) as f:
+            body = ast.parse(f.read()).body
+        for node in body:
+            names = []
+            if isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names = [node.name]
+            where = os.path.relpath(path, REPO)
+            copies += [f"{where}:{node.lineno} {n}" for n in names if n in defined]
+    assert not copies, "FUSE ABI values defined outside runtime/core/abi.py:\n" + "\n".join(copies)

@@ -10,8 +10,6 @@ import os
 import stat as st
 from dataclasses import dataclass
 
-FUSE_ROOT_ID = 1
-
 # d_type values as in <dirent.h>; FUSE carries them in fuse_dirent.type.
 DT_UNKNOWN, DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 0, 1, 2, 4, 6, 8, 10, 12
 
@@ -138,39 +136,14 @@ class RequestContext:
     pid: int = 0
 
 
-# fuse_setattr_in.valid bits (FATTR_*), used by the setattr op.
-FATTR_MODE = 1 << 0
-FATTR_UID = 1 << 1
-FATTR_GID = 1 << 2
-FATTR_SIZE = 1 << 3
-FATTR_ATIME = 1 << 4
-FATTR_MTIME = 1 << 5
-FATTR_FH = 1 << 6
-FATTR_ATIME_NOW = 1 << 7
-FATTR_MTIME_NOW = 1 << 8
-FATTR_LOCKOWNER = 1 << 9
-FATTR_CTIME = 1 << 10
-FATTR_KILL_SUIDGID = 1 << 11
+@dataclass(frozen=True, slots=True)
+class XattrReply:
+    """A GETXATTR or LISTXATTR answer.
 
-# fuse_open_out.open_flags bits.
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_NONSEEKABLE = 1 << 2
-FOPEN_CACHE_DIR = 1 << 3
-FOPEN_STREAM = 1 << 4
-FOPEN_NOFLUSH = 1 << 5
-FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
-FOPEN_PASSTHROUGH = 1 << 7
+    A caller that asks with size 0 wants only the size (`value` is None); one
+    that gives a buffer gets the value, which the op layer has checked fits
+    (ERANGE otherwise), as getxattr(2) and listxattr(2) do.
+    """
 
-# Sizes of readdir records, so the op layer can fill exactly one reply buffer
-# (a READDIRPLUS entry that does not fit must not count as a lookup).
-FUSE_NAME_OFFSET = 24  # sizeof(struct fuse_dirent) without the name
-FUSE_ENTRY_OUT_SIZE = 128  # sizeof(struct fuse_entry_out)
-
-
-def dirent_size(namelen: int) -> int:
-    return (FUSE_NAME_OFFSET + namelen + 7) & ~7
-
-
-def direntplus_size(namelen: int) -> int:
-    return (FUSE_ENTRY_OUT_SIZE + FUSE_NAME_OFFSET + namelen + 7) & ~7
+    size: int
+    value: bytes | None = None

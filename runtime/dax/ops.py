@@ -13,15 +13,16 @@ import logging
 import os
 
 from actorfs.actors.inode_table import KIND_DIR, KIND_FILE
+from actorfs.runtime.core.abi import (  # noqa: F401 (FUSE_SETUPMAPPING_FLAG_READ: for callers)
+    FUSE_SETUPMAPPING_FLAG_READ,
+    FUSE_SETUPMAPPING_FLAG_WRITE,
+    NO_FH,
+)
 from actorfs.runtime.core.errno_map import FsError
 
 log = logging.getLogger("actorfs.ops_dax")
 
-# <linux/fuse.h>
-FUSE_SETUPMAPPING_FLAG_WRITE = 1 << 0
-FUSE_SETUPMAPPING_FLAG_READ = 1 << 1
-# fh of a SETUPMAPPING that comes from the kernel's iomap path, with no open handle.
-NO_FH = (1 << 64) - 1
+# NO_FH: the fh of a SETUPMAPPING from the kernel's iomap path, with no open handle.
 
 
 def _reopen(opath_fd: int, writable: bool) -> int:

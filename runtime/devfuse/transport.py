@@ -30,6 +30,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 
+from actorfs.runtime.core.abi import peek_header
 from actorfs.runtime.fuse import protocol as P
 from actorfs.runtime.fuse.dispatcher import MAX_WRITE, PAGE_SIZE
 from actorfs.runtime.fuse.notify import WriterNotifier
@@ -51,7 +52,6 @@ _GONE = (errno.ENODEV, errno.ECONNABORTED)
 # How long a reader keeps polling an empty /dev/fuse before it sleeps (µs).
 DEFAULT_POLL_US = 200
 
-_OPCODE = struct.Struct("<I")  # fuse_in_header.opcode, at offset 4
 
 
 class BackingFiles:
@@ -304,11 +304,7 @@ class FuseTransport:
                     frame = bytes(view[:n])
                 if debug:
                     _log_request(frame)
-                if (
-                    not self.ready.is_set()
-                    and n >= 8
-                    and _OPCODE.unpack_from(frame, 4)[0] == P.FUSE_INIT
-                ):
+                if not self.ready.is_set() and _is_init(frame):
                     await submit(frame, self._init_sender(fd))
                 else:
                     await submit(frame, reply)
@@ -435,9 +431,14 @@ def _log_request(frame: bytes) -> None:
     if len(frame) < P.IN_HEADER_SIZE:
         log.debug("short frame of %d bytes", len(frame))
         return
-    length, opcode, unique, nodeid = struct.unpack_from("<IIQQ", frame)
+    length, opcode, unique = peek_header(frame)
     name = P.OPCODE_NAMES.get(opcode, str(opcode))
-    log.debug("request %s unique=%d nodeid=%d len=%d", name, unique, nodeid, length)
+    log.debug("request %s unique=%d len=%d", name, unique, length)
+
+
+def _is_init(frame) -> bool:
+    head = peek_header(frame)
+    return head is not None and head.opcode == P.FUSE_INIT
 
 
 def _wake(fut: asyncio.Future) -> None:

@@ -35,7 +35,8 @@ from types import ModuleType
 from typing import Any
 
 from actorfs.runtime.core import eager
-from actorfs.runtime.core.attrs import Attr, Entry, RequestContext
+from actorfs.runtime.core.abi import MAX_TRANSFER
+from actorfs.runtime.core.attrs import Attr, Entry, RequestContext, XattrReply
 from actorfs.runtime.core.errno_map import FsError, linux_errno_of
 from actorfs.runtime.fuse import protocol as P
 from actorfs.runtime.fuse.stats import Stats
@@ -48,7 +49,7 @@ _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 Send = Callable[[list], Awaitable[None] | None]
 
-MAX_WRITE = 1 << 20  # 1 MiB
+MAX_WRITE = MAX_TRANSFER  # 1 MiB: INIT's max_write, and the largest READ
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MAX_PAGES = MAX_WRITE // PAGE_SIZE
 
@@ -749,14 +750,11 @@ class Dispatcher:
         await self.ops.setxattr(self.fs, self._ctx(r), r.h.nodeid, r.name, bytes(r.value), r.flags)
         return P.reply_empty(r.h.unique)
 
-    def _xattr_reply(self, r: Any, res: Any) -> list:
-        if isinstance(res, int):
-            return P.reply_xattr_size(r.h.unique, res)
-        if r.size and len(res) > r.size:
-            raise FsError(errno.ERANGE)
-        if not r.size:  # asked for the size only
-            return P.reply_xattr_size(r.h.unique, len(res))
-        return P.reply_data(r.h.unique, res)
+    def _xattr_reply(self, r: Any, res: XattrReply) -> list:
+        # The size rule (size 0 probes, ERANGE) is the op layer's: see ops._sized.
+        if res.value is None:
+            return P.reply_xattr_size(r.h.unique, res.size)
+        return P.reply_data(r.h.unique, res.value)
 
     async def _getxattr(self, r: Any) -> list:
         res = await self.ops.getxattr(self.fs, self._ctx(r), r.h.nodeid, r.name, r.size)
@@ -778,32 +776,17 @@ class Dispatcher:
         opened = await self.ops.opendir(self.fs, self._ctx(r), r.h.nodeid, r.flags)
         return P.reply_open(r.h.unique, self._opened(opened))
 
+    # The op layer fills exactly one reply buffer of r.size bytes (and counts a
+    # lookup only for a READDIRPLUS entry it returns): the policy lives there.
     async def _readdir(self, r: Any) -> list:
         entries = await self.ops.readdir(self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.size)
-        fit, used = [], 0
-        for d in entries:  # the kernel rejects a reply longer than `size`
-            used += P.dirent_size(len(d.name))
-            if used > r.size:
-                break
-            fit.append(d)
-        return P.reply_readdir(r.h.unique, fit)
+        return P.reply_readdir(r.h.unique, entries)
 
     async def _readdirplus(self, r: Any) -> list:
         entries = await self.ops.readdirplus(
             self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.size
         )
-        fit, used = [], 0
-        for i, p in enumerate(entries):
-            used += P.direntplus_size(len(p.dirent.name))
-            if used > r.size:
-                # Entries that do not fit were looked up but never reach the
-                # kernel: give their lookups back.
-                for extra in list(entries)[i:]:
-                    if extra.entry.nodeid:
-                        await self.ops.forget(self.fs, extra.entry.nodeid, 1)
-                break
-            fit.append(p)
-        return P.reply_readdirplus(r.h.unique, fit)
+        return P.reply_readdirplus(r.h.unique, entries)
 
     async def _releasedir(self, r: Any) -> list:
         await self.ops.releasedir(self.fs, self._ctx(r), r.h.nodeid, r.fh)

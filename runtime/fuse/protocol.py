@@ -24,6 +24,7 @@ from dataclasses import field, make_dataclass
 from operator import attrgetter
 from typing import Any
 
+from actorfs.runtime.core import abi as _abi
 from actorfs.runtime.core.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs
 
 # -- versions and constants -------------------------------------------------
@@ -32,7 +33,6 @@ FUSE_KERNEL_VERSION = 7
 FUSE_KERNEL_MINOR_VERSION = 38  # what we speak without passthrough
 FUSE_PASSTHROUGH_MINOR_VERSION = 40  # what we claim when passthrough is negotiated
 FUSE_MIN_MINOR_VERSION = 31  # oldest kernel minor we accept (map_alignment, SETUPMAPPING)
-FUSE_ROOT_ID = 1
 FUSE_MIN_READ_BUFFER = 8192
 
 # INIT flags (flags | flags2 << 32 once FUSE_INIT_EXT is set).
@@ -83,8 +83,8 @@ FUSE_REQUEST_TIMEOUT = 1 << 42
 # The kernel refuses a stack depth above FILESYSTEM_MAX_STACK_DEPTH.
 FILESYSTEM_MAX_STACK_DEPTH = 2
 
-# fuse_open_out.open_flags (FOPEN_PASSTHROUGH is 7.40): defined once, in actorfs.runtime.core.attrs.
-from actorfs.runtime.core.attrs import (  # noqa: E402, F401 (re-exported for protocol users)
+# The ABI values other layers share are defined once, in actorfs.runtime.core.abi.
+from actorfs.runtime.core.abi import (  # noqa: E402, F401 (re-exported for protocol users)
     FOPEN_CACHE_DIR,
     FOPEN_DIRECT_IO,
     FOPEN_KEEP_CACHE,
@@ -93,6 +93,17 @@ from actorfs.runtime.core.attrs import (  # noqa: E402, F401 (re-exported for pr
     FOPEN_PARALLEL_DIRECT_WRITES,
     FOPEN_PASSTHROUGH,
     FOPEN_STREAM,
+    FUSE_OPEN_KILL_SUIDGID,
+    FUSE_ROOT_ID,
+    FUSE_SETUPMAPPING_FLAG_READ,
+    FUSE_SETUPMAPPING_FLAG_WRITE,
+    FUSE_WRITE_KILL_SUIDGID,
+    IN_HEADER_SIZE,
+    OUT_HEADER_SIZE,
+    HeaderPeek,
+    dirent_size,
+    direntplus_size,
+    peek_header,
 )
 
 FUSE_GETATTR_FH = 1 << 0
@@ -101,16 +112,12 @@ FUSE_RELEASE_FLOCK_UNLOCK = 1 << 1
 FUSE_LK_FLOCK = 1 << 0
 FUSE_WRITE_CACHE = 1 << 0
 FUSE_WRITE_LOCKOWNER = 1 << 1
-FUSE_WRITE_KILL_SUIDGID = 1 << 2
 FUSE_READ_LOCKOWNER = 1 << 1
 FUSE_FSYNC_FDATASYNC = 1 << 0
 FUSE_ATTR_SUBMOUNT = 1 << 0
 FUSE_ATTR_DAX = 1 << 1
-FUSE_OPEN_KILL_SUIDGID = 1 << 0
 FUSE_SETXATTR_ACL_KILL_SGID = 1 << 0
 FUSE_EXPIRE_ONLY = 1 << 0
-FUSE_SETUPMAPPING_FLAG_WRITE = 1 << 0
-FUSE_SETUPMAPPING_FLAG_READ = 1 << 1
 FUSE_UNIQUE_RESEND = 1 << 63  # 7.40
 # The kernel tags an INTERRUPT's own unique with this bit (the target's is even).
 FUSE_INT_REQ_BIT = 1 << 0
@@ -326,8 +333,6 @@ def _compile(spec: dict[str, str]) -> dict[str, Layout]:
 
 LAYOUT = _compile(LAYOUTS)
 
-IN_HEADER_SIZE = LAYOUT["fuse_in_header"].size  # 40
-OUT_HEADER_SIZE = LAYOUT["fuse_out_header"].size  # 16
 _IN_HEADER = LAYOUT["fuse_in_header"].struct
 _OUT_HEADER = LAYOUT["fuse_out_header"].struct
 
@@ -667,6 +672,13 @@ _R_INIT = _out_struct("fuse_init_out")
 _DIRENT = LAYOUT["fuse_dirent"].struct
 _ENTRY_DIRENT = struct.Struct("<" + LAYOUT["fuse_entry_out"].fmt + LAYOUT["fuse_dirent"].fmt)
 
+# The sizes core.abi states by hand must be the layouts' own (checked at import,
+# so a layout change cannot leave the op layer filling replies to a stale size).
+if (LAYOUT["fuse_in_header"].size, LAYOUT["fuse_out_header"].size, _DIRENT.size,
+        LAYOUT["fuse_entry_out"].size) != (_abi.IN_HEADER_SIZE, _abi.OUT_HEADER_SIZE,
+                                           _abi.FUSE_NAME_OFFSET, _abi.FUSE_ENTRY_OUT_SIZE):
+    raise ImportError("actorfs.runtime.core.abi disagrees with the FUSE layouts")
+
 _attr_values = attrgetter(*LAYOUT["fuse_attr"].fields)
 _statfs_values = attrgetter(*(f.removeprefix("st_") for f in LAYOUT["fuse_statfs_out"].fields))
 _INIT_OUT_FIELDS = LAYOUT["fuse_init_out"].fields
@@ -766,14 +778,6 @@ def reply_init(unique: int, **fields: int) -> Iov:
         raise TypeError(f"not fuse_init_out fields: {sorted(unknown)}")
     values = [fields.get(f, 0) for f in _INIT_OUT_FIELDS]
     return [_R_INIT.pack(_R_INIT.size, 0, unique, *values)]
-
-
-def dirent_size(namelen: int) -> int:
-    return (_DIRENT.size + namelen + 7) & ~7
-
-
-def direntplus_size(namelen: int) -> int:
-    return (_ENTRY_DIRENT.size + namelen + 7) & ~7
 
 
 def encode_dirents(entries: Iterable[DirEntry]) -> bytearray:

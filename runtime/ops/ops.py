@@ -18,7 +18,7 @@ import os
 import stat
 
 from actorfs.actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
-from actorfs.runtime.core.attrs import (
+from actorfs.runtime.core.abi import (
     FATTR_ATIME,
     FATTR_ATIME_NOW,
     FATTR_FH,
@@ -34,7 +34,15 @@ from actorfs.runtime.core.attrs import (
     FOPEN_KEEP_CACHE,
     FOPEN_NOFLUSH,
     FOPEN_PASSTHROUGH,
+    FUSE_OPEN_KILL_SUIDGID,
     FUSE_ROOT_ID,
+    FUSE_WRITE_KILL_SUIDGID,
+    MAX_TRANSFER,
+    NO_FH,
+    dirent_size,
+    direntplus_size,
+)
+from actorfs.runtime.core.attrs import (
     Attr,
     DirEntry,
     DirEntryPlus,
@@ -42,8 +50,7 @@ from actorfs.runtime.core.attrs import (
     Opened,
     RequestContext,
     StatFs,
-    dirent_size,
-    direntplus_size,
+    XattrReply,
 )
 from actorfs.runtime.core.blocking_pool import close_all
 from actorfs.runtime.core.errno_map import FsError
@@ -53,11 +60,10 @@ from actorfs.runtime.ops.filesystem import Filesystem
 
 NAME_MAX = 255
 MAX_IO = 32 << 20  # copy_file_range chunk (no buffer here: the kernel copies)
-# A READ reply is a buffer we allocate: no bigger than INIT's max_pages pages
-# (dispatcher.MAX_WRITE), which bounds every READ a kernel sends; a hostile
+# A READ reply is a buffer we allocate: no bigger than the largest transfer INIT
+# announces (abi.MAX_TRANSFER), which bounds every READ a kernel sends; a hostile
 # client asking for 4 GiB gets this much, not 32 MiB per request in flight.
-MAX_READ = 1 << 20
-NO_FH = 2**64 - 1
+MAX_READ = MAX_TRANSFER
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # open(2) flags a client may not pass through: we never create on OPEN, and
@@ -209,9 +215,6 @@ def _fix_mode(fd: int, want: int, umask_proc: int, kind: str) -> None:
     os.chmod(proc_fd(fd), want & 0o7777)
 
 
-# fuse_write_in.write_flags / fuse_open_in.open_flags (HANDLE_KILLPRIV_V2).
-WRITE_KILL_SUIDGID = 1 << 2
-OPEN_KILL_SUIDGID = 1 << 0
 
 
 def _kill_suidgid(fd: int, gid: int) -> None:
@@ -646,7 +649,7 @@ async def open(
 ) -> Opened:
     oflags = _open_flags(fs, flags)
     c = _caller(fs, ctx)
-    kill_gid = _kill_gid(c, ctx.gid) if open_flags & OPEN_KILL_SUIDGID and oflags & os.O_TRUNC else -1
+    kill_gid = _kill_gid(c, ctx.gid) if open_flags & FUSE_OPEN_KILL_SUIDGID and oflags & os.O_TRUNC else -1
     # pin: an inode with an open handle keeps its O_PATH fd (actors/inode_table.py).
     ifd, kind = await fs.inodes.dup_fd(nodeid, pin=True)
     try:
@@ -732,7 +735,7 @@ async def create(
     c = _creator(fs, ctx)
     fd, ifd, st = await _pool(
         fs, (pfd,), _job_create, pfd, name, fmode, oflags, _proc_umask(),
-        _kill_gid(c, ctx.gid) if open_flags & OPEN_KILL_SUIDGID else -1, creds=c,
+        _kill_gid(c, ctx.gid) if open_flags & FUSE_OPEN_KILL_SUIDGID else -1, creds=c,
     )
     wfd = os.dup(ifd) if fs.watcher is not None else -1
     try:
@@ -762,7 +765,7 @@ async def write(
     fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, data, write_flags: int = 0
 ) -> int:
     fd = await fs.handles.dup_fd(fh, want_dir=False)
-    kill_gid = ctx.gid if write_flags & WRITE_KILL_SUIDGID else -1
+    kill_gid = ctx.gid if write_flags & FUSE_WRITE_KILL_SUIDGID else -1
     return await _pool(fs, (fd,), _job_write, fd, data, offset, kill_gid)
 
 
@@ -912,26 +915,26 @@ async def setxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes
     await _xattr(fs, nodeid, os.setxattr, name, bytes(value), flags, creds=_caller(fs, ctx))
 
 
-async def getxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes, size: int) -> bytes | int:
+async def getxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes, size: int) -> XattrReply:
     _check_xattr_name(name)
-    value = await _xattr(fs, nodeid, os.getxattr, name)
-    if size == 0:
-        return len(value)
-    if len(value) > size:
-        raise FsError(errno.ERANGE)
-    return value
+    return _sized(await _xattr(fs, nodeid, os.getxattr, name), size)
 
 
-async def listxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, size: int) -> bytes | int:
+async def listxattr(fs: Filesystem, ctx: RequestContext, nodeid: int, size: int) -> XattrReply:
     names = await _xattr(fs, nodeid, os.listxattr)
     if ctx.uid != 0:  # the host lists trusted.* to CAP_SYS_ADMIN only; the FUSE client never filters
         names = [n for n in names if not n.startswith("trusted.")]
-    blob = b"".join(os.fsencode(n) + b"\0" for n in names)
+    return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+
+def _sized(value: bytes, size: int) -> XattrReply:
+    """The xattr size rule: size 0 asks for the size only; a value that does not
+    fit the caller's buffer is ERANGE."""
     if size == 0:
-        return len(blob)
-    if len(blob) > size:
+        return XattrReply(len(value))
+    if len(value) > size:
         raise FsError(errno.ERANGE)
-    return blob
+    return XattrReply(len(value), value)
 
 
 async def removexattr(fs: Filesystem, ctx: RequestContext, nodeid: int, name: bytes) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from actorfs.actors.inode_table import SnapshotError, SnapshotTruncated, kind_of_mode
-from actorfs.runtime.core.attrs import FUSE_ROOT_ID
+from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.ops.filesystem import Filesystem
 
 __all__ = ["SnapshotError", "SnapshotTruncated", "restore", "snapshot"]

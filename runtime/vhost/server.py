@@ -25,10 +25,10 @@ import logging
 import os
 import socket
 import stat
-import struct
 import sys
 import time
 
+from actorfs.runtime.core.abi import peek_header
 from actorfs.runtime.fuse import protocol
 from actorfs.runtime.ops.filesystem import ConfigError, FsConfig, check_root
 from actorfs.runtime.vhost.vhost_user import (
@@ -45,8 +45,6 @@ DRAIN_TIMEOUT = 5.0  # how long a stopping queue waits for its in-flight request
 HANDSHAKE_TIMEOUT = 5.0  # a frontend that sends no SET_OWNER within this is dropped
 BATCH_CHAINS = 64  # chains popped before the runner lets the rest of the loop run
 BATCH_SECONDS = 0.001  # ... or this long, whichever comes first
-_LEN_OPCODE = struct.Struct("<II")
-_UNIQUE = struct.Struct("<Q")
 
 
 class SocketInUse(Exception):
@@ -187,19 +185,18 @@ class QueueRunner:
             self._complete(chain.head, 0)
             return
         frame = chain.request()
-        if len(frame) < protocol.IN_HEADER_SIZE:
+        head = peek_header(frame)
+        if head is None or len(frame) < protocol.IN_HEADER_SIZE:
             self._hostile("request of %d bytes, shorter than a FUSE header", len(frame))
             written = 0
-            if len(frame) >= 16:  # its unique is there: answer it with EINVAL
-                unique = _UNIQUE.unpack_from(frame, 8)[0]
-                written = chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0
+            if head is not None:  # its unique is there: answer it with EINVAL
+                written = chain.write_reply(protocol.reply_error(head.unique, errno.EINVAL)) or 0
             self._complete(chain.head, written)
             return
-        length, opcode = _LEN_OPCODE.unpack_from(frame, 0)
+        length, opcode, unique = head
         if length < protocol.IN_HEADER_SIZE:
             # fuse_in_header.len below the header itself; the unique is in the frame.
             self._hostile("fuse_in_header.len %d, shorter than the header", length)
-            unique = _UNIQUE.unpack_from(frame, 8)[0]
             self._complete(chain.head,
                            chain.write_reply(protocol.reply_error(unique, errno.EINVAL)) or 0)
             return
@@ -214,7 +211,6 @@ class QueueRunner:
             dispatcher = await self.conn.dispatcher_for(opcode)
             await dispatcher.submit(frame, _no_reply)
             return
-        unique = _UNIQUE.unpack_from(frame, 8)[0]
         generation = vq.generation
         self.inflight += 1
         self.idle.clear()

@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from actorfs.actors.watcher import Watcher
-from actorfs.runtime.core.attrs import FUSE_ROOT_ID
+from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.ops.filesystem import Filesystem, FsConfig
 
 

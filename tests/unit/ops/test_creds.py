@@ -20,7 +20,8 @@ import threading
 
 import pytest
 
-from actorfs.runtime.core.attrs import FATTR_MODE, RequestContext
+from actorfs.runtime.core.abi import FATTR_MODE
+from actorfs.runtime.core.attrs import RequestContext
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.ops import creds
 from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running

@@ -8,16 +8,16 @@ import stat
 
 import pytest
 
-from actorfs.runtime.core.attrs import (
+from actorfs.runtime.core.abi import (
     FATTR_ATIME_NOW,
     FATTR_GID,
     FATTR_MTIME_NOW,
     FATTR_UID,
     FOPEN_DIRECT_IO,
     FOPEN_KEEP_CACHE,
-    RequestContext,
     direntplus_size,
 )
+from actorfs.runtime.core.attrs import RequestContext, XattrReply
 from actorfs.runtime.host.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running
 
@@ -313,13 +313,13 @@ async def test_xattrs_like_linux(tmp_path):
     async with running(tmp_path) as fs:
         e = await ops.lookup(fs, CTX, ROOT, b"f")
         await ops.setxattr(fs, CTX, e.nodeid, b"user.k", b"value", 0)
-        assert await ops.getxattr(fs, CTX, e.nodeid, b"user.k", 0) == 5  # size probe
-        assert await ops.getxattr(fs, CTX, e.nodeid, b"user.k", 5) == b"value"
+        assert await ops.getxattr(fs, CTX, e.nodeid, b"user.k", 0) == XattrReply(5)  # size probe
+        assert await ops.getxattr(fs, CTX, e.nodeid, b"user.k", 5) == XattrReply(5, b"value")
         assert await errno_of(ops.getxattr(fs, CTX, e.nodeid, b"user.k", 2)) == errno.ERANGE
         assert await errno_of(ops.getxattr(fs, CTX, e.nodeid, b"user.none", 10)) == errno.ENODATA
-        names = await ops.listxattr(fs, CTX, e.nodeid, 1024)
+        names = (await ops.listxattr(fs, CTX, e.nodeid, 1024)).value
         assert b"user.k\0" in names
-        assert await ops.listxattr(fs, CTX, e.nodeid, 0) == len(names)
+        assert await ops.listxattr(fs, CTX, e.nodeid, 0) == XattrReply(len(names))
         assert await errno_of(ops.listxattr(fs, CTX, e.nodeid, 1)) == errno.ERANGE
         assert await errno_of(ops.setxattr(fs, CTX, e.nodeid, b"user.k", b"v", 1)) == errno.EEXIST
         assert await errno_of(ops.setxattr(fs, CTX, e.nodeid, b"user.z", b"v", 2)) == errno.ENODATA

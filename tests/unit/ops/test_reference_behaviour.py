@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from actorfs.runtime.core.attrs import DT_DIR, DT_REG, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from actorfs.runtime.core.abi import FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from actorfs.runtime.core.attrs import DT_DIR, DT_REG
 from actorfs.runtime.core.errno_map import FsError, linux_errno_of
 from actorfs.runtime.ops.snapshot import SnapshotError, SnapshotTruncated, restore, snapshot
 from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running
