@@ -59,3 +59,19 @@ def fd_cache_mode(request):
         helpers_fs.DEFAULTS["file_handles"] = False
     yield request.param
     helpers_fs.DEFAULTS.clear()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers by folder: tests/mount/ mounts for real (root, /dev/fuse), tests/guest/
+    boots a Linux guest; both are slow. `pytest -m "not slow"` runs the unit tier."""
+    for item in items:
+        parts = item.path.parts
+        if "tests" not in parts:
+            continue
+        tier = parts[parts.index("tests") + 1] if parts.index("tests") + 1 < len(parts) else ""
+        if tier == "mount":
+            item.add_marker(pytest.mark.mount)
+            item.add_marker(pytest.mark.slow)
+        elif tier == "guest":
+            item.add_marker(pytest.mark.guest)
+            item.add_marker(pytest.mark.slow)
