@@ -4,6 +4,7 @@ layers only, and no sys.path edits anywhere in the repository."""
 from __future__ import annotations
 
 import ast
+import glob
 import importlib
 import os
 import re
@@ -186,3 +187,61 @@ def test_fuse_abi_values_are_defined_once():
             where = os.path.relpath(path, REPO)
             copies += [f"{where}:{node.lineno} {n}" for n in names if n in defined]
     assert not copies, "FUSE ABI values defined outside runtime/core/abi.py:\n" + "\n".join(copies)
+
+
+# Paths the documentation names that are not ours: QEMU's own documentation.
+EXTERNAL_PATHS = {"docs/interop/vhost-user.rst"}
+_TOPS = ("runtime", "actors", "actorfs", "tests", "docs", "bench", "scripts", "fuzz", "share", ".ci")
+_DOC_PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(map(re.escape, _TOPS)) + r")/[\w./*-]*)")
+_DOC_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+_DOC_MODULE = re.compile(r"(?<![\w.-])actorfs(?:\.\w+)+")
+
+
+def _module_exists(dotted: str) -> bool:
+    """actorfs.runtime.ops.ops, or a name in one (actorfs.mount, ...protocol.FUSE_LOOKUP)."""
+    parts = dotted.split(".")
+    if parts[-1] in ("json", "py", "md"):  # a file name such as 50-actorfs.json
+        return True
+    for k in range(len(parts), 0, -1):
+        rel = parts[1:k]
+        if rel and rel[0] in ("runtime", "actors"):
+            where = os.path.join(REPO, *rel)
+        else:
+            where = os.path.join(REPO, "actorfs", *rel)
+        if os.path.exists(where + ".py") or os.path.exists(os.path.join(where, "__init__.py")):
+            if k == len(parts):
+                return True
+            return hasattr(importlib.import_module(".".join(parts[:k])), parts[k])
+    return False
+
+
+def test_docs_name_real_paths():
+    """Every repository path, relative link and actorfs module that README.md and
+    docs/*.md name exists, and no link leaves the repository: the docs are read
+    beside the code, and a renamed file must not leave them pointing nowhere."""
+    docs = ["README.md"] + sorted(
+        os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md")
+    )
+    bad = []
+    for doc in docs:
+        base = os.path.dirname(os.path.join(REPO, doc))
+        with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+            lines = list(f)
+        for n, line in enumerate(lines, 1):
+            for m in _DOC_PATH.finditer(line):
+                path = m.group(1).rstrip(".,:;")
+                if path not in EXTERNAL_PATHS and not glob.glob(os.path.join(REPO, path)):
+                    bad.append(f"{doc}:{n}: {path}")
+            for m in _DOC_LINK.finditer(line):
+                target = m.group(1)
+                if "://" in target or target.startswith("mailto:"):
+                    continue
+                full = os.path.normpath(os.path.join(base, target))
+                if os.path.relpath(full, REPO).startswith(".."):
+                    bad.append(f"{doc}:{n}: link {target} leaves the repository")
+                elif not os.path.exists(full):
+                    bad.append(f"{doc}:{n}: link {target}")
+            for m in _DOC_MODULE.finditer(line):
+                if not _module_exists(m.group(0)):
+                    bad.append(f"{doc}:{n}: module {m.group(0)}")
+    assert not bad, "\n".join(bad)
