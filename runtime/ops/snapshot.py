@@ -1,4 +1,5 @@
-"""Snapshot/restore of the inode table in the reference's "PFSS" v1 format.
+"""Snapshot/restore of the inode table in the "PFSS" v1 format of the reference
+backend (docs/DESIGN.md says which backend that is).
 
 Restore validates the whole blob first (errors name the problem: bad magic,
 truncated, version, kind, missing root, root mismatch, trailing bytes), then

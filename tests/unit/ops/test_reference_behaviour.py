@@ -1,4 +1,5 @@
-"""The reference backend's test module, re-expressed against actorfs's op layer."""
+"""The reference backend's test module (docs/DESIGN.md: the Rust passthrough backend
+of virtiofsd), re-expressed against actorfs's op layer."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ async def test_lookup_rejects_bad_names(tmp_path, name):
 
 
 async def test_lookup_serves_external_symlink_as_a_link_by_default(tmp_path):
-    """Departs from the reference on purpose (docs/ARCHITECTURE.md): under opaque
+    """Departs from the reference backend on purpose (docs/ARCHITECTURE.md): under opaque
     a link leading out of the root is served as the link itself, never followed."""
     root = tmp_path / "root"
     root.mkdir()
