@@ -50,12 +50,11 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import anyio
-
 from actorfs.actors.inode_table import KIND_DIR
 from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.core.actor import Actor
 from actorfs.runtime.core.errno_map import FsError
+from actorfs.runtime.core.shield import shielded
 from actorfs.runtime.host import inotify
 
 log = logging.getLogger("actorfs.watcher")
@@ -442,18 +441,20 @@ class Watcher(Actor):
         try:
             await super().run()
         finally:
-            with anyio.CancelScope(shield=True):
-                self._disarm()
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
-                stuck = not await self._wait_inflight()
-                # An idle thread is joined at once (no thread left behind); one
-                # still stuck in a notify write is left to end with the fd.
-                self._executor.shutdown(wait=not stuck, cancel_futures=True)
-                self._executor = None
-                if self._stopped:  # a clean stop, not a crash to restart from
-                    self._close_inotify()
+            await shielded(self._wind_down(sender))
+
+    async def _wind_down(self, sender: asyncio.Task) -> None:
+        self._disarm()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        stuck = not await self._wait_inflight()
+        # An idle thread is joined at once (no thread left behind); one
+        # still stuck in a notify write is left to end with the fd.
+        self._executor.shutdown(wait=not stuck, cancel_futures=True)
+        self._executor = None
+        if self._stopped:  # a clean stop, not a crash to restart from
+            self._close_inotify()
 
     async def _wait_inflight(self) -> bool:
         """Let a notify write already in the kernel finish (bounded); False if it did not."""

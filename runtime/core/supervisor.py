@@ -1,4 +1,4 @@
-"""Starts and stops actors under an anyio task group; decides what a crash means.
+"""Starts and stops actors under an asyncio task group; decides what a crash means.
 
 A crashed actor (its run loop raised) is reported with its cause. Policy
 "restart" starts its loop again with the state it had (up to `max_restarts`);
@@ -8,11 +8,10 @@ requests that were queued on the crashed actor got EIO from the actor itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-
-import anyio
 
 log = logging.getLogger("actorfs.supervisor")
 
@@ -22,16 +21,16 @@ class Supervisor:
         self.policy = policy
         self.max_restarts = max_restarts
         self.crashes: list[tuple[str, BaseException]] = []
-        self.failed = anyio.Event()  # set when a crash made the supervisor stop everything
+        self.failed = asyncio.Event()  # set when a crash made the supervisor stop everything
         self._actors: list = []
 
     @contextlib.asynccontextmanager
     async def started(self, actors: list) -> AsyncIterator[Supervisor]:
         self._actors = list(actors)
         try:
-            async with anyio.create_task_group() as tg:
+            async with asyncio.TaskGroup() as tg:
                 for actor in self._actors:
-                    tg.start_soon(self._supervise, actor, name=f"actor:{actor.name}")
+                    tg.create_task(self._supervise(actor), name=f"actor:{actor.name}")
                 try:
                     yield self
                 finally:

@@ -261,7 +261,7 @@ class MountedServer:
         waits = {
             asyncio.create_task(transport.ended.wait()),
             asyncio.create_task(self._stop_requested.wait()),
-            asyncio.create_task(_wait_anyio_event(fs.supervisor.failed)),
+            asyncio.create_task(fs.supervisor.failed.wait()),
             asyncio.create_task(self.dispatcher.destroyed.wait()),
         }
         try:
@@ -318,10 +318,6 @@ class MountedServer:
         transport.close()
         follow.unregister_own(m.conn)
         log.info("unmounted %s (%s)", m.mountpoint, self.reason)
-
-
-async def _wait_anyio_event(event) -> None:
-    await event.wait()
 
 
 async def mount(config: FsConfig, mountpoint: str, **options) -> MountedServer:

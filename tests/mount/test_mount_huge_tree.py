@@ -45,7 +45,7 @@ repo, limit, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import actorfs  # this checkout's (PYTHONPATH, from env())
 for m in pkgutil.walk_packages(actorfs.__path__, "actorfs."):
     importlib.import_module(m.name)
-for name in ("uvloop", "anyio._backends._asyncio", "encodings.idna"):
+for name in ("uvloop", "encodings.idna"):
     try:
         importlib.import_module(name)
     except ImportError:

@@ -79,7 +79,7 @@ def H(nodeid=ROOT) -> P.InHeader:
     return P.InHeader(nodeid=nodeid)
 
 
-# The Filesystem's supervisor is an anyio task group: it must be entered and
+# The Filesystem's supervisor is an asyncio task group: it must be entered and
 # left in the same task, so tests use these context managers, not fixtures.
 
 
