@@ -108,29 +108,29 @@ async def _serve(args, config, stats_file: str) -> int:
     import asyncio
 
     from actorfs.runtime.cli import main as cli
-    from actorfs.runtime.devfuse.server import MountedServer
+    from actorfs.runtime.devfuse.server import mount
 
-    server = MountedServer(config, args.mnt, **cli.mount_options(args))
-    await server.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    async with mount(config, args.mnt, **cli.mount_options(args)) as server:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
 
-    def dump() -> None:
-        tmp = stats_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(server.stats(), f)
-        os.replace(tmp, stats_file)
-        print("stats", flush=True)
+        def dump() -> None:
+            tmp = stats_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(server.stats(), f)
+            os.replace(tmp, stats_file)
+            print("stats", flush=True)
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, dump)
-    print("ready", flush=True)
-    waiter = asyncio.ensure_future(server.wait())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    await server.stop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+        print("ready", flush=True)
+        waiter = asyncio.ensure_future(server.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (waiter, stopper):
+            t.cancel()
+        await asyncio.gather(waiter, stopper, return_exceptions=True)
     return 0
 
 

@@ -365,7 +365,7 @@ def _announce_foreground(server) -> None:
 
 
 def mount_options(args: argparse.Namespace) -> dict:
-    """MountedServer's keyword arguments from `actorfs mount`'s options."""
+    """mount()'s keyword arguments from `actorfs mount`'s options."""
     from actorfs.runtime.devfuse.server import DEFAULT_POLL_US, DEFAULT_READ_AHEAD_KB
 
     return {
@@ -379,9 +379,9 @@ def mount_options(args: argparse.Namespace) -> dict:
 
 async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
     from actorfs.runtime.cli import sd_notify
-    from actorfs.runtime.devfuse.server import MountedServer, ServerFailed
+    from actorfs.runtime.devfuse.server import ServerFailed, mount
 
-    server = MountedServer(config, mnt, **mount_options(args))
+    server = mount(config, mnt, **mount_options(args))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     observers = _observers(args, server.stats, mnt)

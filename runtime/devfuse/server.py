@@ -1,13 +1,21 @@
 """Embedding API: serve a directory on a FUSE mount from inside an asyncio program.
 
-    async with await mount(FsConfig(root="/srv/data"), "/mnt/data") as server:
+    async with actorfs.mount("/srv/data", "/mnt/data") as server:
         ...                       # the mount is ready here
         print(server.stats())
     # unmounted, in-flight requests drained, every fd closed, actors stopped
 
-or, for a supervisor that owns the lifetime:
+The block owns the server: its one task is started on entry and awaited on
+exit, whatever ends the block (an exception, a cancel of the enclosing task).
+A server failure inside the block (an actor crashed, /dev/fuse failed) is
+raised by `server.wait()`, and out of the block when it ends (ServerFailed,
+chained to the cause). `FsConfig` carries the filesystem's options, mount()'s
+keywords the mount's; the caller's FsConfig is never changed.
 
-    server = await mount(config, mnt)
+`await actorfs.mount(...)` also works, for a caller that owns the lifetime
+itself and must call `await server.stop()`:
+
+    server = await actorfs.mount(config, mnt)
     reason = await server.wait()  # "unmounted" when someone ran umount
     await server.stop()
 
@@ -23,6 +31,7 @@ import logging
 import os
 import time
 
+from actorfs.runtime.core.shield import shielded
 from actorfs.runtime.devfuse import mounting as fuse_mount
 from actorfs.runtime.devfuse.mounting import MountError
 from actorfs.runtime.devfuse.transport import DEFAULT_POLL_US, FuseTransport
@@ -48,7 +57,11 @@ class ServerFailed(Exception):
 
 
 class MountedServer:
-    """One FUSE mount served by this event loop. Build it with `mount()`."""
+    """One FUSE mount served by this event loop. Build it with `mount()`.
+
+    An async context manager (the block owns the serving task) and awaitable
+    (`await mount(...)` starts it and returns it once ready).
+    """
 
     def __init__(
         self,
@@ -90,14 +103,11 @@ class MountedServer:
         if self._task is not None:
             raise RuntimeError("server already started")
         self._task = asyncio.create_task(self._serve(), name=f"actorfs:{self.mountpoint}")
-        ready = asyncio.create_task(self._ready.wait())
         try:
-            await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            await _first_of(self._ready.wait(), self._task)
         except asyncio.CancelledError:
-            ready.cancel()
             await self.stop()
             raise
-        ready.cancel()
         if not self._ready.is_set():
             await asyncio.wait({self._task})
             exc = self._task.exception()
@@ -137,13 +147,9 @@ class MountedServer:
         if self._task is None:
             return
         self._stop_requested.set()
-        try:
-            await asyncio.shield(self._task)
-        except asyncio.CancelledError:
-            if not self._task.cancelled():
-                raise  # our caller was cancelled; the teardown goes on regardless
-        except Exception:
-            pass  # a failure is reported by wait() and kept in self.failure
+        # A cancel of our caller waits for the teardown to end, then is raised:
+        # no task of ours outlives stop().
+        await shielded(_settled(self._task))
 
     @property
     def passthrough_status(self) -> str:
@@ -176,13 +182,19 @@ class MountedServer:
                     out["watcher"] = self.fs.watcher.stats()
         return out
 
+    def __await__(self):
+        """`await mount(...)`: start, and return the server once it is ready."""
+        return self.start().__await__()
+
     async def __aenter__(self) -> MountedServer:
         if self._task is None:
             await self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, exc_type, exc, tb) -> None:
         await self.stop()
+        if exc_type is None and self.failure is not None:
+            raise ServerFailed(f"{self.reason}: {self.failure!r}") from self.failure
 
     # -- the serving task ----------------------------------------------------------------
 
@@ -243,13 +255,7 @@ class MountedServer:
             await asyncio.shield(self._teardown(fs, transport, run))
 
     async def _until_ready(self, transport: FuseTransport, run: asyncio.Task) -> None:
-        ready = asyncio.create_task(transport.ready.wait())
-        stop = asyncio.create_task(self._stop_requested.wait())
-        try:
-            await asyncio.wait({ready, run, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            stop.cancel()
+        await _first_of(transport.ready.wait(), self._stop_requested.wait(), run)
         if not transport.ready.is_set():
             if self._stop_requested.is_set():
                 return  # stopped while starting: straight to the teardown
@@ -258,17 +264,12 @@ class MountedServer:
         self._ready.set()
 
     async def _until_end(self, fs: Filesystem, transport: FuseTransport) -> None:
-        waits = {
-            asyncio.create_task(transport.ended.wait()),
-            asyncio.create_task(self._stop_requested.wait()),
-            asyncio.create_task(fs.supervisor.failed.wait()),
-            asyncio.create_task(self.dispatcher.destroyed.wait()),
-        }
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waits:
-                t.cancel()
+        await _first_of(
+            transport.ended.wait(),
+            self._stop_requested.wait(),
+            fs.supervisor.failed.wait(),
+            self.dispatcher.destroyed.wait(),
+        )
         if fs.supervisor.failed.is_set():
             name, cause = fs.supervisor.crashes[-1] if fs.supervisor.crashes else ("?", None)
             self.reason = f"actor {name} failed"
@@ -320,10 +321,67 @@ class MountedServer:
         log.info("unmounted %s (%s)", m.mountpoint, self.reason)
 
 
-async def mount(config: FsConfig, mountpoint: str, **options) -> MountedServer:
-    """Mount `config.root` on `mountpoint` and serve it; returns once the mount is ready.
+async def _first_of(*aws) -> None:
+    """Wait until one of `aws` (coroutines, or tasks owned elsewhere) is done.
 
-    `options` are MountedServer's: allow_other, queues, max_in_flight,
-    use_fusermount, read_ahead_kb, poll_us, mount_flags.
+    The waiting tasks made here are cancelled and awaited before returning.
     """
-    return await MountedServer(config, os.path.abspath(mountpoint), **options).start()
+    mine = [asyncio.ensure_future(a) if asyncio.iscoroutine(a) else None for a in aws]
+    futs = [m if m is not None else a for m, a in zip(mine, aws, strict=True)]
+    try:
+        await asyncio.wait(futs, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        owned = [m for m in mine if m is not None]
+        for m in owned:
+            m.cancel()
+        await asyncio.gather(*owned, return_exceptions=True)
+
+
+async def _settled(task: asyncio.Task) -> None:
+    """Wait for `task`; its result or failure is read elsewhere (wait(), .failure)."""
+    with contextlib.suppress(BaseException):
+        await asyncio.wait({task})
+
+
+def mount(
+    source: str | os.PathLike[str] | FsConfig,
+    mountpoint: str | os.PathLike[str],
+    *,
+    allow_other: bool = False,
+    queues: int | None = None,
+    max_in_flight: int = 256,
+    use_fusermount: bool | None = None,
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
+    poll_us: int = DEFAULT_POLL_US,
+    mount_flags: tuple[str, ...] = (),
+) -> MountedServer:
+    """Serve `source` on a FUSE mount at `mountpoint`.
+
+    source: the directory to serve (with FsConfig's defaults), or an FsConfig
+    for the filesystem's options (cache, symlinks, read_only, ...). It is not
+    changed: the server works on a validated copy.
+
+    allow_other: let other users through the mount (the allow_other option).
+    queues: /dev/fuse queues (cloned fds) to read; None: DEFAULT_QUEUES.
+    max_in_flight: requests served at once before reading waits.
+    use_fusermount: mount through fusermount3; None: only when not root.
+    read_ahead_kb: the mount's readahead window (KiB); 0 leaves the kernel's.
+    poll_us: busy-poll the queue this long after a request (0: never).
+    mount_flags: mount(8) flags such as "noexec", "nosuid", "sync".
+
+    Use as `async with mount(...) as server:` (mounted and ready inside the
+    block; unmounted and torn down when it ends), or `server = await mount(...)`
+    and `await server.stop()` later.
+    """
+    config = source if isinstance(source, FsConfig) else FsConfig(root=os.fspath(source))
+    return MountedServer(
+        config,
+        os.path.abspath(os.fspath(mountpoint)),
+        allow_other=allow_other,
+        queues=queues,
+        max_in_flight=max_in_flight,
+        use_fusermount=use_fusermount,
+        read_ahead_kb=read_ahead_kb,
+        poll_us=poll_us,
+        mount_flags=mount_flags,
+    )

@@ -535,8 +535,7 @@ class Dispatcher:
             flags |= P.FUSE_INIT_EXT  # so the kernel reads our flags2
         max_stack_depth = 0
         if flags & P.FUSE_PASSTHROUGH:
-            extra = getattr(config, "extra", None) or {}
-            max_stack_depth = extra.get("max_stack_depth") or (
+            max_stack_depth = getattr(config, "max_stack_depth", None) or (
                 root_stack_depth(self.fs.root_path) + 1
             )
             max_stack_depth = max(1, min(int(max_stack_depth), P.FILESYSTEM_MAX_STACK_DEPTH))

@@ -7,10 +7,11 @@ state; everything mutable lives in an actor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from actorfs.actors.handles import HandleTable
 from actorfs.actors.inode_table import FdBudget, InodeTable
@@ -72,7 +73,9 @@ class FsConfig:
     # the root is memory-backed (nothing can wait for a disk), "always" (an
     # embedder that knows its root never blocks), "never". runtime/host/backing_fs.py.
     inline: str = "auto"
-    extra: dict = field(default_factory=dict)
+    # FUSE passthrough's max_stack_depth answered in INIT; None: the root's own
+    # stacking depth plus one (runtime/fuse/dispatcher.py).
+    max_stack_depth: int | None = None
 
     def __post_init__(self) -> None:
         if self.symlinks not in SYMLINK_POLICIES:
@@ -166,7 +169,8 @@ class Filesystem:
     """Config + actors + pool. Build with `async with Filesystem.running(config)`."""
 
     def __init__(self, config: FsConfig):
-        config.root = check_root(config.root)
+        # A copy with the canonical root: the caller's FsConfig is never changed.
+        config = dataclasses.replace(config, root=check_root(config.root))
         self.config = config
         self.root_path = config.root
         self.euid = os.geteuid()

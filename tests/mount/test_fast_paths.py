@@ -38,7 +38,7 @@ async def ops_after(src, mnt, script: str) -> dict:
     """Per-op request stats of a `--cache auto` mount after `script` ran on it."""
     # Passthrough off: these count the READs and WRITEs the server itself serves.
     config = FsConfig(root=str(src), cache="auto", passthrough=False)
-    async with await mount(config, str(mnt)) as server:
+    async with mount(config, str(mnt)) as server:
         await run(script)
         return server.stats()["requests"]["ops"]
 
@@ -46,7 +46,7 @@ async def ops_after(src, mnt, script: str) -> dict:
 @pytest.mark.parametrize("cache", ["never", "auto", "always"])
 async def test_close_sends_no_flush_and_data_lands(dirs, cache):
     src, mnt = dirs
-    async with await mount(FsConfig(root=str(src), cache=cache), str(mnt)) as server:
+    async with mount(FsConfig(root=str(src), cache=cache), str(mnt)) as server:
         await run(
             f"import os\n"
             f"for i in range(20):\n"
@@ -65,7 +65,7 @@ async def test_writeback_still_flushes_on_close(dirs):
     # Under the writeback cache FLUSH is what writes dirty pages back on close.
     src, mnt = dirs
     config = FsConfig(root=str(src), cache="auto", writeback=True)
-    async with await mount(config, str(mnt)) as server:
+    async with mount(config, str(mnt)) as server:
         await run(f"open('{mnt}/w', 'w').write('written back')")
         assert (src / "w").read_text() == "written back"
         assert server.stats()["requests"]["ops"]["FLUSH"]["count"] >= 1
@@ -110,7 +110,7 @@ async def test_the_readahead_window_makes_reads_large(dirs, read_ahead_kb):
     src, mnt = dirs
     (src / "big").write_bytes(bytes(range(256)) * 4096 * 8)  # 8 MiB
     config = FsConfig(root=str(src), cache="auto", passthrough=False)  # READs reach us
-    async with await mount(config, str(mnt), read_ahead_kb=read_ahead_kb) as server:
+    async with mount(config, str(mnt), read_ahead_kb=read_ahead_kb) as server:
         conn = server.mount_info.conn
         with open(f"/sys/class/bdi/{conn >> 20}:{conn & 0xFFFFF}/read_ahead_kb") as f:
             window = int(f.read())
@@ -131,7 +131,7 @@ async def test_the_readahead_window_makes_reads_large(dirs, read_ahead_kb):
 async def test_with_or_without_polling_every_request_is_answered(dirs, poll_us):
     # Polling only changes when the reader sleeps, never what it answers.
     src, mnt = dirs
-    async with await mount(FsConfig(root=str(src)), str(mnt), poll_us=poll_us) as server:
+    async with mount(FsConfig(root=str(src)), str(mnt), poll_us=poll_us) as server:
         assert server.transport.poll_seconds == poll_us / 1e6
         await run(
             f"import os, time\n"

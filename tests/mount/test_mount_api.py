@@ -7,6 +7,8 @@ event loop, so it must never touch the mount itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -47,7 +49,7 @@ async def test_mount_serve_stop_leaves_nothing_behind(dirs):
     src, mnt = dirs
     threads = set(threading.enumerate())
     before = fds()
-    async with await mount(FsConfig(root=str(src)), str(mnt)) as server:
+    async with mount(FsConfig(root=str(src)), str(mnt)) as server:
         assert server.ready and is_mounted(mnt)
         rc, out = await run(
             "sh", "-ec", f"cat '{mnt}/hello'; cp -a /etc/hostname '{mnt}/copy'; ls '{mnt}'"
@@ -84,7 +86,7 @@ async def test_wait_returns_unmounted_after_external_umount(dirs):
 
 async def test_cancelling_a_waiter_does_not_stop_the_server(dirs):
     src, mnt = dirs
-    async with await mount(FsConfig(root=str(src)), str(mnt)) as server:
+    async with mount(FsConfig(root=str(src)), str(mnt)) as server:
         waiter = asyncio.create_task(server.wait())
         await asyncio.sleep(0.05)
         waiter.cancel()
@@ -96,7 +98,7 @@ async def test_cancelling_a_waiter_does_not_stop_the_server(dirs):
 
 async def test_unprivileged_path_through_fusermount3(dirs):
     src, mnt = dirs
-    async with await mount(FsConfig(root=str(src)), str(mnt), use_fusermount=True) as server:
+    async with mount(FsConfig(root=str(src)), str(mnt), use_fusermount=True) as server:
         assert server.mount_info.by_fusermount
         rc, out = await run("sh", "-ec", f"echo data > '{mnt}/f'; cat '{mnt}/f'")
         assert (rc, out) == (0, "data\n")
@@ -107,7 +109,7 @@ async def test_unprivileged_path_through_fusermount3(dirs):
 async def test_queues_and_passthrough(dirs):
     src, mnt = dirs
     config = FsConfig(root=str(src), passthrough=True)
-    async with await mount(config, str(mnt), queues=3) as server:
+    async with mount(config, str(mnt), queues=3) as server:
         script = f"dd if=/dev/urandom of='{mnt}/big' bs=1M count=4 status=none; cmp '{mnt}/big' '{src}/big'"
         rc, out = await run("sh", "-ec", script)
         assert rc == 0, out
@@ -129,7 +131,7 @@ async def test_mount_errors_are_mount_errors(dirs, tmp_path):
     assert not [t for t in set(threading.enumerate()) - threads if t.name.startswith("actorfs-pool")]
     with pytest.raises(MountError, match="does not exist"):
         await mount(FsConfig(root=str(tmp_path / "nosrc")), str(mnt))
-    async with await mount(FsConfig(root=str(src)), str(mnt)):
+    async with mount(FsConfig(root=str(src)), str(mnt)):
         with pytest.raises(MountError, match="already a mount point"):
             await mount(FsConfig(root=str(src)), str(mnt))
     assert not is_mounted(mnt)
@@ -198,3 +200,120 @@ async def test_stop_requested_while_mounting(dirs):
     await server.stop()
     assert not server.ready and server.reason == "stopped"
     assert not is_mounted(mnt)
+
+
+# -- the structured form: `async with actorfs.mount(...)` --------------------------------
+
+
+def _others() -> set[asyncio.Task]:
+    return asyncio.all_tasks() - {asyncio.current_task()}
+
+
+async def test_async_with_mounts_and_unmounts_leaving_no_task(dirs):
+    import actorfs
+
+    src, mnt = dirs
+    before = _others()
+    async with actorfs.mount(str(src), str(mnt)) as server:
+        assert server.ready and is_mounted(mnt)
+        rc, out = await run("cat", f"{mnt}/hello")
+        assert rc == 0 and out.strip() == "hi", out
+    assert not is_mounted(mnt)
+    assert server.reason == "stopped" and server.done
+    assert _others() == before
+
+
+async def test_an_exception_in_the_block_unmounts_and_propagates(dirs):
+    import actorfs
+
+    src, mnt = dirs
+    before = _others()
+    with pytest.raises(KeyError, match="boom"):
+        async with actorfs.mount(FsConfig(root=str(src)), str(mnt)) as server:
+            assert is_mounted(mnt)
+            raise KeyError("boom")
+    assert not is_mounted(mnt) and server.done
+    assert _others() == before
+
+
+async def test_cancelling_the_enclosing_task_unmounts(dirs):
+    import actorfs
+
+    src, mnt = dirs
+    before = _others()
+    inside = asyncio.Event()
+    servers = []
+
+    async def body():
+        async with actorfs.mount(str(src), str(mnt)) as server:
+            servers.append(server)
+            inside.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(inside.wait(), 60)
+    assert is_mounted(mnt)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not is_mounted(mnt) and servers[0].done
+    assert _others() == before
+
+
+async def test_cancelled_while_mounting_unmounts(dirs):
+    import actorfs
+
+    src, mnt = dirs
+    before = _others()
+
+    async def body():
+        async with actorfs.mount(str(src), str(mnt)):
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(body())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not is_mounted(mnt)
+    assert _others() == before
+
+
+async def test_a_failure_inside_the_block_propagates_out_of_it(dirs):
+    import actorfs
+
+    src, mnt = dirs
+    before = _others()
+    with pytest.raises(actorfs.ServerFailed, match="actor inode_table failed") as info:
+        async with actorfs.mount(str(src), str(mnt)) as server:
+            server.fs.supervisor.policy = "stop"  # no restart: the crash is fatal
+            server.fs.inodes.inject_crash = RuntimeError("injected")
+            await run("cat", f"{mnt}/hello", timeout=30)
+            with contextlib.suppress(actorfs.ServerFailed):
+                await asyncio.wait_for(server.wait(), 30)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert not is_mounted(mnt)
+    assert _others() == before
+
+
+async def test_the_callers_config_is_not_changed(dirs, tmp_path):
+    import actorfs
+
+    src, mnt = dirs
+    link = tmp_path / "link-to-src"
+    link.symlink_to(src)
+    config = FsConfig(root=str(link) + "/")
+    snapshot = dataclasses.asdict(config)
+    async with actorfs.mount(config, str(mnt)) as server:
+        assert server.fs.root_path == os.path.realpath(src)
+    assert dataclasses.asdict(config) == snapshot
+
+
+async def test_mount_takes_typed_keywords_only(dirs):
+    import actorfs
+
+    src, mnt = dirs
+    with pytest.raises(TypeError):
+        actorfs.mount(str(src), str(mnt), extra={"x": 1})  # no catch-all
+    with pytest.raises(TypeError):
+        actorfs.mount(str(src), str(mnt), False)  # keywords only

@@ -58,7 +58,7 @@ async def test_warm_re_read_sends_no_read(dirs):
     src, mnt = dirs
     data = os.urandom(SIZE)
     (src / "f").write_bytes(data)
-    async with await mount(config(src), str(mnt)) as server:
+    async with mount(config(src), str(mnt)) as server:
         first = await run(READ_ALL, str(mnt / "f"))
         assert reads(server) > 0
         # Each run is a new process and a new open; the attribute timeout may
@@ -88,7 +88,7 @@ async def test_host_overwrite_of_the_same_size_is_seen(dirs):
     src, mnt = dirs
     f = src / "f"
     f.write_bytes(b"a" * SIZE)
-    async with await mount(config(src), str(mnt)) as server:
+    async with mount(config(src), str(mnt)) as server:
         timeout = server.config.attr_timeout
         # A reader holding the file open across the change, and a reader that
         # opens it anew each time.
@@ -133,7 +133,7 @@ async def test_host_overwrite_that_puts_the_mtime_back_is_seen(dirs):
     src, mnt = dirs
     f = src / "f"
     f.write_bytes(b"a" * SIZE)
-    async with await mount(config(src), str(mnt)):
+    async with mount(config(src), str(mnt)):
         first = await run("import sys; print(open(sys.argv[1], 'rb').read(8))", str(mnt / "f"))
         assert first.strip() == "b'aaaaaaaa'"
         before = os.stat(f)

@@ -76,7 +76,7 @@ async def test_on_by_default_and_data_matches_the_host(dirs):
     src, mnt, _ = dirs
     with open(os.path.join(src, "host"), "wb") as f:
         f.write(os.urandom(3 << 20))
-    async with await mount(FsConfig(root=src), mnt) as server:
+    async with mount(FsConfig(root=src), mnt) as server:
         st = server.stats()["passthrough"]
         if offered(server):  # root, a 6.9+ kernel, default options: on
             assert st["on"] and st["reason"].startswith("on (auto)"), st
@@ -117,7 +117,7 @@ async def test_read_only_refuses_writes_with_passthrough(dirs):
     src, mnt, _ = dirs
     with open(os.path.join(src, "f"), "wb") as f:
         f.write(b"kept")
-    async with await mount(FsConfig(root=src, read_only=True), mnt) as server:
+    async with mount(FsConfig(root=src, read_only=True), mnt) as server:
         on = server.stats()["passthrough"]["on"]
         assert on == offered(server)
         out = await run(
@@ -153,7 +153,7 @@ async def test_watcher_still_invalidates_with_passthrough(dirs):
     p = os.path.join(src, "w")
     with open(p, "wb") as f:
         f.write(b"one")
-    async with await mount(FsConfig(root=src, cache="always"), mnt) as server:
+    async with mount(FsConfig(root=src, cache="always"), mnt) as server:
         assert server.stats()["passthrough"]["on"] == offered(server)
         assert server.fs.watcher is not None
         out = await run("import sys; print(open(sys.argv[1] + '/w').read())", mnt)
@@ -206,7 +206,7 @@ elif action == "open_no_write":
 async def test_set_id_bits_fall_on_write_as_on_a_native_fs(dirs):
     src, mnt, native = dirs
     config = FsConfig(root=src)
-    async with await mount(config, mnt, allow_other=True) as server:
+    async with mount(config, mnt, allow_other=True) as server:
         assert server.stats()["passthrough"]["on"] == offered(server)
         for i, (mode, gid, action) in enumerate(SETID_CASES):
             for where, host in ((native, native), (mnt, src)):

@@ -45,11 +45,8 @@ async def mounted(tmp_path, watch: bool):
     # data is never stale; these check the cached path (test_passthrough_mount
     # checks the watcher with passthrough on).
     config = FsConfig(root=str(src), cache="always", watch=watch, passthrough=False)
-    server = await mount(config, str(mnt))
-    try:
+    async with mount(config, str(mnt)) as server:
         yield server, mnt
-    finally:
-        await server.stop()
 
 
 def client(fn, *args):

@@ -750,7 +750,7 @@ def _stub_ops():
 class _Cfg:
     attr_timeout = entry_timeout = 1.0
     writeback = passthrough = False
-    extra: dict = {}
+    max_stack_depth = None
 
 
 _STUB_FS = types.SimpleNamespace(config=_Cfg(), dax=None, root_path="/")
