@@ -38,6 +38,7 @@ __all__ = [
     "mount",
     "MountedServer",
     "serve_vhost_user",
+    "VhostUserServer",
     "serve_connection",
     # configuration and the layers an embedder may build on
     "FsConfig",
@@ -61,6 +62,7 @@ _WHERE = {
     "ServerFailed": "actorfs.runtime.devfuse.server",
     "MountError": "actorfs.runtime.devfuse.mounting",
     "serve_vhost_user": "actorfs.runtime.vhost.server",
+    "VhostUserServer": "actorfs.runtime.vhost.server",
     "serve_connection": "actorfs.runtime.vhost.server",
     "SocketInUse": "actorfs.runtime.vhost.server",
     "FsConfig": "actorfs.runtime.ops.filesystem",
@@ -81,7 +83,12 @@ if TYPE_CHECKING:  # what a type checker or an IDE sees
     from actorfs.runtime.fuse.protocol import ProtocolError
     from actorfs.runtime.fuse.stats import OpStats, Stats
     from actorfs.runtime.ops.filesystem import ConfigError, Filesystem, FsConfig
-    from actorfs.runtime.vhost.server import SocketInUse, serve_connection, serve_vhost_user
+    from actorfs.runtime.vhost.server import (
+        SocketInUse,
+        VhostUserServer,
+        serve_connection,
+        serve_vhost_user,
+    )
 
 
 def __getattr__(name: str):

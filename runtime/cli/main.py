@@ -537,7 +537,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.socket is None) == (args.fd is None):
         raise UserError("serve: one of these is required: --socket PATH, or --fd N (a listening socket)")
     try:
-        from actorfs.runtime.vhost.server import serve_vhost_user
+        from actorfs.runtime.vhost.server import SocketInUse, serve_vhost_user
     except ImportError as exc:
         return fail(f"serve is unavailable in this build ({exc}): use actorfs mount instead")
     config = make_config(args, check_root(args.src))
@@ -563,36 +563,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             return fail(f"cannot serve metrics on {args.metrics}: {exc}", 1)
         extra = observers.summary()
-
-        def listening() -> None:
-            sd_notify.ready(f"serving {config.root} on {where}" + (f"; {extra}" if extra else ""))
-
-        task = asyncio.create_task(
-            serve_vhost_user(
-                config,
-                args.socket,
-                once=args.once,
-                dax_name=args.dax_window,
-                dax_size=args.dax_size,
-                stats_interval=args.stats_interval or 0,
-                allow_unsealed_memory=args.allow_unsealed_memory,
-                listen_fd=args.fd,
-                on_listening=listening,
-                on_connection=lambda conn: live.__setitem__("conn", conn),
-            )
-        )
         loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
 
         def stop() -> None:
             sd_notify.stopping(f"stopping: {where}")
-            task.cancel()
+            stopping.set()
 
+        # Installed before listening: a signal once the socket exists still cleans up.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
+        server = serve_vhost_user(
+            config,
+            args.socket,
+            once=args.once,
+            dax_name=args.dax_window,
+            dax_size=args.dax_size,
+            stats_interval=args.stats_interval or 0,
+            allow_unsealed_memory=args.allow_unsealed_memory,
+            listen_fd=args.fd,
+            on_connection=lambda conn: live.__setitem__("conn", conn),
+        )
+        entered = False
         try:
-            return await task
-        except asyncio.CancelledError:
+            async with server:
+                entered = True
+                sd_notify.ready(f"serving {config.root} on {where}" + (f"; {extra}" if extra else ""))
+                waiter = asyncio.ensure_future(server.wait())
+                stopper = asyncio.ensure_future(stopping.wait())
+                try:
+                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in (waiter, stopper):
+                        t.cancel()
+                    await asyncio.gather(waiter, stopper, return_exceptions=True)
             return 0
+        except Exception as exc:
+            if entered:
+                return fail(f"serving the frontend failed: {exc}", 1)
+            if isinstance(exc, (ConfigError, SocketInUse, ValueError, OSError)):
+                return fail(str(exc), 1)  # a user error: one line
+            raise
         finally:
             await observers.close()
 

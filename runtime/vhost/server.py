@@ -25,12 +25,13 @@ import logging
 import os
 import socket
 import stat
-import sys
 import time
+from collections.abc import Callable
 
 from actorfs.runtime.core.abi import peek_header
+from actorfs.runtime.core.shield import shielded
 from actorfs.runtime.fuse import protocol
-from actorfs.runtime.ops.filesystem import ConfigError, FsConfig, check_root
+from actorfs.runtime.ops.filesystem import FsConfig, check_root
 from actorfs.runtime.vhost.vhost_user import (
     ProtocolError,
     VhostUserBackend,
@@ -565,49 +566,77 @@ def adopt_listener(fd: int) -> socket.socket:
     return sock
 
 
-async def serve_vhost_user(config: FsConfig, socket_path: str | None, *, once: bool = False,
-                           dax_name: str | None = None, dax_size: int = 0,
-                           stats_interval: float = 0, allow_unsealed_memory: bool = False,
-                           listen_fd: int | None = None, on_listening=None,
-                           on_connection=None) -> int:
-    """Serve frontends on `socket_path` one after the other (just one with `once`).
+class VhostUserServer:
+    """A vhost-user-fs backend listening on a unix socket. Build it with `serve_vhost_user()`.
 
-    Guest memory must be sealed against shrinking (a memfd with F_SEAL_SHRINK,
-    as QEMU's memory-backend-memfd makes it) unless `allow_unsealed_memory`:
-    see runtime/vhost/guest_memory.py.
+        async with serve_vhost_user(config, "/run/fs.sock") as server:
+            ...                     # listening here: start the VMM
+            await server.wait()     # until the frontend is done (with once=True)
+        # the socket is closed and removed, the session (if any) closed
 
-    listen_fd: serve on this already-listening socket instead (the launcher owns
-    its path). on_listening(): called once the socket listens; on_connection(conn)
-    for each frontend. Returns the exit status; user errors are one line on
-    stderr. Cancelling the coroutine (SIGTERM in the CLI) closes the connection
-    and removes the socket.
+    The block owns the accept loop's task: it is started on entry and cancelled
+    and awaited on exit. A failure of the accept loop (with once=True, a frontend
+    whose session could not be served) is raised by `wait()`, and out of the
+    block when it ends. `await serve_vhost_user(...)` serves until the frontend
+    is done (once=True) or the awaiting task is cancelled, and returns 0.
+
+    Nothing is printed and the caller's FsConfig is not changed: user errors
+    (a bad root, a socket in use, a bad DAX window) are raised on entry as
+    ConfigError, SocketInUse or ValueError.
     """
-    try:
-        config.root = check_root(config.root)
-        config = virtiofs_config(config, dax_name, dax_size)
+
+    def __init__(self, config: FsConfig, socket_path: str | None, *, once: bool = False,
+                 dax_name: str | None = None, dax_size: int = 0, tag: str | None = None,
+                 stats_interval: float = 0, allow_unsealed_memory: bool = False,
+                 listen_fd: int | None = None,
+                 on_connection: Callable[[Connection], None] | None = None):
+        if (socket_path is None) == (listen_fd is None):
+            raise ValueError("pass one of socket_path or listen_fd")
+        self.config = config
+        self.socket_path = socket_path
+        self.once = once
+        self.dax_name = dax_name
+        self.dax_size = dax_size
+        self.tag = tag  # the virtio-fs config space tag, if the frontend asks
+        self.stats_interval = stats_interval
+        self.allow_unsealed_memory = allow_unsealed_memory
+        self.listen_fd = listen_fd
+        self.on_connection = on_connection
+        self._listener: socket.socket | None = None
+        self._ino: int | None = None
+        self._task: asyncio.Task | None = None
+
+    def _listen(self) -> None:
+        # A copy with the canonical root: the caller's FsConfig stays as it was.
+        config = dataclasses.replace(self.config, root=check_root(self.config.root))
+        config = virtiofs_config(config, self.dax_name, self.dax_size)
         if config.dax_name or config.dax_size:
             # Each session makes its window; a bad name or size is said now, once.
             from actorfs.runtime.ops.filesystem import Filesystem
 
             Filesystem._make_dax_window(config).close()
-        if listen_fd is not None:
-            listener = adopt_listener(listen_fd)
+        if self.listen_fd is not None:
+            self._listener = adopt_listener(self.listen_fd)
         else:
-            listener = bind_socket(socket_path)
-    except (ConfigError, SocketInUse, ValueError) as exc:
-        print(f"actorfs: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"actorfs: cannot listen on {socket_path}: {exc.strerror}", file=sys.stderr)
-        return 1
-    ino = os.lstat(socket_path).st_ino if listen_fd is None else None
-    loop = asyncio.get_running_loop()
-    tag = config.extra.get("tag")  # the virtio-fs config space tag, if the frontend asks
-    log.info("waiting for a vhost-user frontend on %s",
-             socket_path if listen_fd is None else f"fd {listen_fd}")
-    if on_listening is not None:
-        on_listening()
-    try:
+            try:
+                self._listener = bind_socket(self.socket_path)
+            except OSError as exc:
+                raise SocketInUse(f"cannot listen on {self.socket_path}: {exc.strerror}") from exc
+            self._ino = os.lstat(self.socket_path).st_ino
+        self._serving = config
+        log.info("waiting for a vhost-user frontend on %s",
+                 self.socket_path if self.listen_fd is None else f"fd {self.listen_fd}")
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self.listen_fd is None:
+                _remove_socket(self.socket_path, self._ino)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        listener = self._listener
         while True:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -617,18 +646,87 @@ async def serve_vhost_user(config: FsConfig, socket_path: str | None, *, once: b
             sock, _ = await loop.sock_accept(listener)
             log.info("frontend connected")
             try:
-                await serve_connection(config, sock, tag=tag, stats_interval=stats_interval,
-                                       allow_unsealed_memory=allow_unsealed_memory,
-                                       on_connection=on_connection)
-            except Exception as exc:  # e.g. the session could not start: say so, go on
+                await serve_connection(self._serving, sock, tag=self.tag,
+                                       stats_interval=self.stats_interval,
+                                       allow_unsealed_memory=self.allow_unsealed_memory,
+                                       on_connection=self.on_connection)
+            except Exception:  # e.g. the session could not start: say so, go on
                 log.exception("the connection failed")
-                if once:
-                    print(f"actorfs: serving the frontend failed: {exc}", file=sys.stderr)
-                    return 1
+                if self.once:
+                    raise
                 continue
-            if once:
-                return 0
-    finally:
-        listener.close()
-        if listen_fd is None:
-            _remove_socket(socket_path, ino)
+            if self.once:
+                return
+
+    async def __aenter__(self) -> VhostUserServer:
+        if self._task is not None:
+            raise RuntimeError("server already started")
+        self._listen()
+        self._task = asyncio.create_task(self._accept_loop(), name="vhost-user:accept")
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        task = self._task
+        try:
+            if task is not None and not task.done():
+                task.cancel()
+                await shielded(_settled(task))
+        finally:
+            self._close_listener()
+        if exc_type is None and task is not None and not task.cancelled():
+            failure = task.exception()
+            if failure is not None:
+                raise failure
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and self._task is not None and not self._task.done()
+
+    async def wait(self) -> None:
+        """Until the accept loop ends (once=True: the frontend is done); raises its failure.
+
+        Cancelling the waiter does not stop the server; leaving the block does.
+        """
+        if self._task is None:
+            raise RuntimeError("server not started")
+        await asyncio.shield(self._task)
+
+    async def _run(self) -> int:
+        async with self:
+            await self.wait()
+        return 0
+
+    def __await__(self):
+        return self._run().__await__()
+
+
+async def _settled(task: asyncio.Task) -> None:
+    await asyncio.wait({task})
+
+
+def serve_vhost_user(config: FsConfig, socket_path: str | None = None, *, once: bool = False,
+                     dax_name: str | None = None, dax_size: int = 0, tag: str | None = None,
+                     stats_interval: float = 0, allow_unsealed_memory: bool = False,
+                     listen_fd: int | None = None,
+                     on_connection: Callable[[Connection], None] | None = None,
+                     ) -> VhostUserServer:
+    """Serve vhost-user-fs frontends on `socket_path` one after the other (just one with `once`).
+
+    Use as `async with serve_vhost_user(...) as server:` (listening inside the
+    block; socket closed and removed, session closed when it ends), or
+    `await serve_vhost_user(...)` to serve until done or cancelled.
+
+    Guest memory must be sealed against shrinking (a memfd with F_SEAL_SHRINK,
+    as QEMU's memory-backend-memfd makes it) unless `allow_unsealed_memory`:
+    see runtime/vhost/guest_memory.py.
+
+    listen_fd: serve on this already-listening socket instead (the launcher owns
+    its path). dax_name/dax_size: a DAX window (a POSIX shm object) mapped by
+    the hypervisor. tag: the virtio-fs tag, for a frontend that asks.
+    on_connection(conn): called for each frontend. stats_interval: log the
+    request stats this often (seconds; 0: never).
+    """
+    return VhostUserServer(config, socket_path, once=once, dax_name=dax_name, dax_size=dax_size,
+                           tag=tag, stats_interval=stats_interval,
+                           allow_unsealed_memory=allow_unsealed_memory, listen_fd=listen_fd,
+                           on_connection=on_connection)

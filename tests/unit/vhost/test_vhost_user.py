@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -880,3 +881,63 @@ def test_guest_memory_must_be_sealed_unless_allowed(tmp_path):
     finally:
         mem.close()
         os.close(keep)
+
+
+# -- the structured form: `async with serve_vhost_user(...)` ------------------------------
+
+
+def test_the_context_listens_on_entry_and_removes_its_socket_on_exit(tmp_path, capfd):
+    import dataclasses
+
+    root = tmp_path / "root"
+    root.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    path = str(tmp_path / "fs.sock")
+    config = FsConfig(root=str(link) + "/")
+    snapshot = dataclasses.asdict(config)
+
+    async def main():
+        before = asyncio.all_tasks() - {asyncio.current_task()}
+        async with serve_vhost_user(config, path) as server:
+            assert server.listening
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
+            # A frontend can connect at once: the socket listens.
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.close()
+            await writer.wait_closed()
+        assert not os.path.exists(path)
+        assert asyncio.all_tasks() - {asyncio.current_task()} == before
+
+    asyncio.run(main())
+    assert dataclasses.asdict(config) == snapshot  # the caller's config is not changed
+    assert capfd.readouterr().err == ""
+
+
+def test_an_exception_in_the_block_closes_and_propagates(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    path = str(tmp_path / "fs.sock")
+
+    async def main():
+        async with serve_vhost_user(FsConfig(root=str(root)), path):
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        asyncio.run(main())
+    assert not os.path.exists(path)
+
+
+def test_user_errors_are_raised_not_printed(tmp_path, capfd):
+    from actorfs.runtime.ops.filesystem import ConfigError
+
+    async def main(config, path):
+        async with serve_vhost_user(config, path):
+            raise AssertionError("entered")
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        asyncio.run(main(FsConfig(root=str(tmp_path / "nope")), str(tmp_path / "a.sock")))
+    (tmp_path / "root").mkdir()
+    with pytest.raises(SocketInUse, match="cannot listen"):
+        asyncio.run(main(FsConfig(root=str(tmp_path / "root")), str(tmp_path / "no/dir/b.sock")))
+    assert capfd.readouterr().err == ""
