@@ -13,6 +13,7 @@ errno) or FsError (Linux errno); the dispatcher turns either into -errno.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import stat
@@ -988,8 +989,14 @@ def _proc_umask() -> int:
     """This process's umask (read once; the CLI sets 0, an embedder may not)."""
     global _UMASK
     if _UMASK is None:
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
+        # /proc (Linux 4.7+) reads it without the set-and-restore that would
+        # briefly change it for every thread of an embedding program.
+        try:
+            with builtins.open("/proc/self/status") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0)
+            os.umask(_UMASK)
     return _UMASK
 
 
