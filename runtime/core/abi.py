@@ -83,7 +83,7 @@ class HeaderPeek(NamedTuple):
     unique: int
 
 
-def peek_header(frame) -> HeaderPeek | None:
+def peek_header(frame: bytes | bytearray | memoryview) -> HeaderPeek | None:
     """len, opcode and unique of a frame; None when it is too short to hold them.
 
     A transport needs these before decoding: to answer a short frame by its

@@ -28,7 +28,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, cast
 
 from actorfs.runtime.core.errno_map import FsError
 
@@ -40,13 +40,13 @@ _STOP = object()
 STEP_BUDGET = 0.002
 
 
-def stepped(handler: Callable[..., Generator]) -> Callable[..., Generator]:
+def stepped(handler: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
     """Mark a generator handler as stepped (see the module doc)."""
     handler.stepped = True  # type: ignore[attr-defined]
     return handler
 
 
-def _resume(gen: Generator) -> Generator:
+def _resume(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
     """The mailbox message that carries on a stepped handler begun in the asking task."""
     return gen
 
@@ -58,7 +58,7 @@ class _Cancelled(Exception):
     """Carries the actor task's own cancellation past the handler-error path."""
 
 
-def _run_slice(gen: Generator) -> tuple[bool, Any]:
+def _run_slice(gen: Generator[Any, Any, Any]) -> tuple[bool, Any]:
     """Advance `gen` for up to STEP_BUDGET; (True, its return value) once it is done."""
     deadline = time.monotonic() + STEP_BUDGET
     try:
@@ -83,7 +83,7 @@ class Actor:
     name = "actor"
 
     def __init__(self, mailbox_size: int = 4096):
-        self._mailbox: asyncio.Queue = asyncio.Queue(mailbox_size)
+        self._mailbox: asyncio.Queue[Any] = asyncio.Queue(mailbox_size)
         self._running = False
         self._stopped = False
         self.crash_cause: BaseException | None = None
@@ -110,7 +110,7 @@ class Actor:
             and self._running
             and not self._busy
             and self.inject_crash is None
-            and not self._mailbox._queue
+            and not self._mailbox._queue  # type: ignore[attr-defined]  # CPython Queue internals: emptiness without a method call
         ):
             # Idle: the actor's task is parked on an empty mailbox. Running the
             # handler here gives the very outcome the mailbox would (handlers
@@ -162,7 +162,7 @@ class Actor:
                     if getattr(handler, "stepped", False):
                         result = await self._run_stepped(result, fut)
                 except _Cancelled as c:
-                    raise c.__cause__ from None  # the actor's own task was cancelled
+                    raise cast(BaseException, c.__cause__) from None  # the actor's own task was cancelled
                 except BaseException as exc:  # handler errors go back to the caller
                     if fut is None:
                         log.warning("%s: %s%r failed: %r", self.name, handler.__name__, args, exc)
@@ -181,7 +181,9 @@ class Actor:
             self._running = False
             self._fail_pending()
 
-    async def _run_stepped(self, gen: Generator, fut: asyncio.Future | None) -> Any:
+    async def _run_stepped(
+        self, gen: Generator[Any, Any, Any], fut: asyncio.Future[Any] | None
+    ) -> Any:
         """Drive a stepped handler to its end, giving the loop back between slices."""
         self._busy = True
         try:
@@ -218,7 +220,7 @@ class Actor:
             if fut is not None and not fut.done():
                 fut.set_exception(ActorStopped(self.name))
 
-    def _dropped(self, handler: Callable[..., Any], args: tuple) -> None:
+    def _dropped(self, handler: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """A queued message that will never run: release what it carried (an fd)."""
 
     def stop(self) -> None:

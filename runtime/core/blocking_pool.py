@@ -40,7 +40,7 @@ def close_all(fds: Sequence[int]) -> None:
 
 
 def _settle(
-    slots: asyncio.Semaphore, fut: asyncio.Future, result: Any, exc: BaseException | None
+    slots: asyncio.Semaphore, fut: asyncio.Future[Any], result: Any, exc: BaseException | None
 ) -> None:
     """In the loop: free the slot and hand the outcome to the caller (if still waiting)."""
     slots.release()
@@ -52,7 +52,7 @@ def _settle(
         fut.set_exception(exc)
 
 
-def _worker(jobs: queue.SimpleQueue) -> None:
+def _worker(jobs: queue.SimpleQueue[Any]) -> None:
     while True:
         item = jobs.get()
         if item is _STOP:
@@ -77,7 +77,7 @@ class BlockingPool:
     def __init__(self, workers: int | None = None, max_queued: int | None = None):
         self.workers = workers or min(32, (os.cpu_count() or 2) * 4)
         self.max_queued = max_queued or self.workers * 8
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._slots: asyncio.Semaphore | None = None
         self.submitted = 0
@@ -104,7 +104,7 @@ class BlockingPool:
             raise FsError(errno.EIO, "blocking pool is shut down")
         if len(self._threads) < self.workers:
             self._start_thread()
-        fut = loop.create_future()
+        fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put((fn, args, fds, loop, fut, slots))
         self.submitted += 1
         return await fut

@@ -17,7 +17,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 
-def start(coro: Coroutine, loop: asyncio.AbstractEventLoop) -> asyncio.Task | None:
+def start(
+    coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop
+) -> asyncio.Task[Any] | None:
     """Run `coro` up to its first wait. None if it finished; else the task finishing it.
 
     An exception from the first step propagates to the caller.
@@ -29,7 +31,7 @@ def start(coro: Coroutine, loop: asyncio.AbstractEventLoop) -> asyncio.Task | No
     return loop.create_task(_finish(coro, waiter))
 
 
-async def _finish(coro: Coroutine, waiter: Any) -> Any:
+async def _finish(coro: Coroutine[Any, Any, Any], waiter: Any) -> Any:
     """Drive `coro` on, as a task would: wait for what it waits on, resume it."""
     while True:
         throw = None

@@ -12,6 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actorfs.runtime.core.actor import Actor
 
 log = logging.getLogger("actorfs.supervisor")
 
@@ -22,10 +26,10 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.crashes: list[tuple[str, BaseException]] = []
         self.failed = asyncio.Event()  # set when a crash made the supervisor stop everything
-        self._actors: list = []
+        self._actors: list[Actor] = []
 
     @contextlib.asynccontextmanager
-    async def started(self, actors: list) -> AsyncIterator[Supervisor]:
+    async def started(self, actors: list[Actor]) -> AsyncIterator[Supervisor]:
         self._actors = list(actors)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -43,7 +47,7 @@ class Supervisor:
         for actor in self._actors:
             actor.stop()
 
-    async def _supervise(self, actor) -> None:
+    async def _supervise(self, actor: Actor) -> None:
         restarts = 0
         while True:
             try:

@@ -40,10 +40,10 @@ READ_SIZE = 64 * 1024
 
 MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def _lib():
+def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

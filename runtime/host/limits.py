@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import resource
+from typing import Protocol
 
 # glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD = -1
@@ -79,7 +80,13 @@ def fd_caps(
     return inodes, max(budget - inodes * max(fds_per_inode, 1), 1)
 
 
-def apply_fd_caps(config, max_in_flight: int = 256) -> None:
+class _HandleCapped(Protocol):
+    """What apply_fd_caps needs of a configuration (FsConfig has it)."""
+
+    max_handles: int
+
+
+def apply_fd_caps(config: _HandleCapped, max_in_flight: int = 256) -> None:
     """Lower config.max_handles to the fd budget RLIMIT_NOFILE allows now (never
     raise it). Inodes are not capped by fds any more: evicted ones are reopened."""
     inodes, handles = fd_caps(None, max_in_flight, 1)

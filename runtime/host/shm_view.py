@@ -72,7 +72,7 @@ def mmap_at(addr: int | None, length: int, prot: int, flags: int, fd: int, offse
     ptr = _mmap(addr, length, prot, flags, fd, offset)
     if ptr is None or ptr == _MAP_FAILED:
         raise _oserror()
-    return ptr
+    return int(ptr)  # c_void_p restype: already an int, typed Any
 
 
 def munmap(addr: int, length: int) -> None:
