@@ -31,6 +31,7 @@ import socket
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from actorfs.actors.dax import FileRef, Mapping, Prepared, _identity_of
 from actorfs.runtime.host.shm_view import (
@@ -118,14 +119,22 @@ class DaxChannel:
         self.lock = threading.Lock()  # shared with other users of the backend channel
         self.broken: BaseException | None = None
 
-    def send_map(self, fd: int, fd_offset: int, shm_offset: int, length: int, writable: bool):
+    def send_map(self, fd: int, fd_offset: int, shm_offset: int, length: int, writable: bool) -> None:
         flags = VHOST_USER_MMAP_FLAG_RW if writable else 0
         self._send(VHOST_USER_BACKEND_SHMEM_MAP, fd, fd_offset, shm_offset, length, flags)
 
     def send_unmap(self, shm_offset: int, length: int) -> None:
         self._send(VHOST_USER_BACKEND_SHMEM_UNMAP, None, 0, shm_offset, length, 0)
 
-    def _send(self, request, fd, fd_offset, shm_offset, length, flags) -> None:
+    def _send(
+        self,
+        request: int,
+        fd: int | None,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        flags: int,
+    ) -> None:
         if self.broken is not None:
             raise OSError(errno.EIO, f"backend channel is broken: {self.broken}")
         msg = encode_mmap(request, self.shmid, fd_offset, shm_offset, length, flags, self.reply_ack)
@@ -151,7 +160,8 @@ class DaxChannel:
         payload = recv_exact(self.sock, size) if size else b""
         if req != request or not flags & VHOST_USER_REPLY_MASK or size != U64.size:
             raise ValueError(f"unexpected reply: request {req}, flags {flags:#x}, size {size}")
-        return U64.unpack(payload)[0]
+        value: int = U64.unpack(payload)[0]
+        return value
 
 
 class ChannelMapper:
@@ -170,7 +180,7 @@ class ChannelMapper:
         self.own_socket = own_socket
         self.close_timeout = close_timeout
         self.view: ShmView | None = None
-        self._steps: list[tuple] = []
+        self._steps: list[tuple[Any, ...]] = []
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="actorfs-dax-channel")
 
     def bind(self, view: ShmView) -> None:
@@ -203,13 +213,13 @@ class ChannelMapper:
         # Closed only after the queued messages that carry it have gone out.
         self._steps.append(("close", ref))
 
-    def commit(self) -> Future | None:
+    def commit(self) -> Future[None] | None:
         if not self._steps:
             return None
         steps, self._steps = self._steps, []
         return self._sender.submit(self._run, steps)
 
-    def _run(self, steps: list[tuple]) -> None:
+    def _run(self, steps: list[tuple[Any, ...]]) -> None:
         first: OSError | None = None
         for step in steps:
             try:
@@ -217,8 +227,10 @@ class ChannelMapper:
                     raise OSError(errno.EIO, "no backend channel to the hypervisor yet")
                 if step[0] == "map":
                     _, ref, foffset, start, length, writable = step
+                    assert self.channel is not None  # checked above
                     self.channel.send_map(ref.fd, foffset, start, length, writable)
                 elif step[0] == "unmap":
+                    assert self.channel is not None  # checked above
                     self.channel.send_unmap(step[1], step[2])
                 else:
                     os.close(step[1].fd)

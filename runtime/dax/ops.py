@@ -11,6 +11,8 @@ import errno
 import inspect
 import logging
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from actorfs.actors.inode_table import KIND_DIR, KIND_FILE
 from actorfs.runtime.core.abi import (  # noqa: F401 (FUSE_SETUPMAPPING_FLAG_READ: for callers)
@@ -18,6 +20,7 @@ from actorfs.runtime.core.abi import (  # noqa: F401 (FUSE_SETUPMAPPING_FLAG_REA
     FUSE_SETUPMAPPING_FLAG_WRITE,
     NO_FH,
 )
+from actorfs.runtime.core.attrs import RequestContext
 from actorfs.runtime.core.errno_map import FsError
 
 log = logging.getLogger("actorfs.ops_dax")
@@ -42,7 +45,18 @@ def _reopen(opath_fd: int, writable: bool) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
 
 
-async def setupmapping(fs, ctx, nodeid, fh, foffset, length, flags, moffset) -> None:
+# `fs` is the op layer's Filesystem (actorfs.runtime.ops), which sits above this
+# package: it is typed Any here so that imports keep pointing one way.
+async def setupmapping(
+    fs: Any,
+    ctx: RequestContext,
+    nodeid: int,
+    fh: int,
+    foffset: int,
+    length: int,
+    flags: int,
+    moffset: int,
+) -> None:
     dax = getattr(fs, "dax", None)
     if dax is None:
         raise FsError(errno.ENOSYS, "no DAX window is configured")
@@ -64,14 +78,16 @@ async def setupmapping(fs, ctx, nodeid, fh, foffset, length, flags, moffset) -> 
     await _tell_watcher(fs, nodeid)
 
 
-async def removemapping(fs, ctx, ranges) -> None:
+async def removemapping(
+    fs: Any, ctx: RequestContext, ranges: Iterable[tuple[int, int]]
+) -> None:
     dax = getattr(fs, "dax", None)
     if dax is None:
         raise FsError(errno.ENOSYS, "no DAX window is configured")
     await dax.unmap(ranges)
 
 
-async def _tell_watcher(fs, nodeid: int) -> None:
+async def _tell_watcher(fs: Any, nodeid: int) -> None:
     """Mapped files change under the guest without WRITE requests: let the watcher know."""
     watch = getattr(getattr(fs, "watcher", None), "watch_file", None)
     if watch is None:

@@ -28,6 +28,7 @@ import os
 import socket
 import sys
 import threading
+from typing import TextIO
 
 from actorfs.runtime.dax.channel import (
     HEADER,
@@ -99,7 +100,7 @@ class DaxReceiver:
         try:
             self.view.check_range(shm_offset, length)
         except OSError as exc:
-            return exc.errno
+            return exc.errno if exc.errno is not None else errno.EIO  # check_range sets one
         with self.lock:
             if request == VHOST_USER_BACKEND_SHMEM_MAP:
                 if len(fds) != 1 or mflags & ~VHOST_USER_MMAP_FLAG_RW:
@@ -127,7 +128,7 @@ class DaxReceiver:
             return 0
 
 
-def _commands(receiver: DaxReceiver, out) -> None:
+def _commands(receiver: DaxReceiver, out: TextIO) -> None:
     view = receiver.view
     for line in sys.stdin:
         words = line.split()
