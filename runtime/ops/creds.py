@@ -39,9 +39,12 @@ import ctypes
 import errno
 import os
 import platform
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar, cast
 
 from actorfs.runtime.core.errno_map import FsError
+
+T = TypeVar("T")
 
 # x86_64 and aarch64 syscall numbers (the 32-bit-id variants on both).
 _SYSCALLS = {
@@ -53,15 +56,17 @@ _INVALID = 0xFFFFFFFF  # (uid_t)-1: never a valid id, so setfs*id(-1) only reads
 MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
-def _prototype(*argtypes):
+# ctypes function objects are untyped (typeshed: a private _FuncPointer): Any.
+def _prototype(*argtypes: Any) -> Any:
     """syscall(2) with fixed argument types: a new function object each (CDLL's
     item access does not cache), so no per-call argument conversion objects."""
-    f = _libc["syscall"]
+    f = cast(ctypes.CDLL, _libc)["syscall"]
     f.restype = ctypes.c_long
     f.argtypes = [ctypes.c_long, *argtypes]
     return f
 
 
+_libc: ctypes.CDLL | None
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _sys_id = _prototype(ctypes.c_uint)  # setfsuid, setfsgid
@@ -90,12 +95,14 @@ _NR_SETFSGID = _NR["setfsgid"] if _NR else -1
 
 def setfsuid(uid: int) -> int:
     """Raw setfsuid(2): the previous fsuid of this thread."""
-    return _sys_id(_NR_SETFSUID, uid & 0xFFFFFFFF)
+    prev: int = _sys_id(_NR_SETFSUID, uid & 0xFFFFFFFF)
+    return prev
 
 
 def setfsgid(gid: int) -> int:
     """Raw setfsgid(2): the previous fsgid of this thread."""
-    return _sys_id(_NR_SETFSGID, gid & 0xFFFFFFFF)
+    prev: int = _sys_id(_NR_SETFSGID, gid & 0xFFFFFFFF)
+    return prev
 
 
 def getfsuid() -> int:
@@ -109,20 +116,20 @@ def getfsgid() -> int:
     return setfsgid(_INVALID)
 
 
-def setgroups(groups) -> None:
+def setgroups(groups: Sequence[int]) -> None:
     """Raw setgroups(2): this thread only."""
     arr = (ctypes.c_uint * max(1, len(groups)))(*groups)
-    if _sys_groups(_NR["setgroups"], len(groups), ctypes.addressof(arr)) != 0:
+    if _sys_groups(cast("dict[str, int]", _NR)["setgroups"], len(groups), ctypes.addressof(arr)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
 
 def getgroups() -> tuple[int, ...]:
     """Raw getgroups(2) of this thread."""
-    n = _sys_groups(_NR["getgroups"], 0, None)
+    n = _sys_groups(cast("dict[str, int]", _NR)["getgroups"], 0, None)
     arr = (ctypes.c_uint * max(1, n))()
     if n > 0:
-        n = _sys_groups(_NR["getgroups"], n, ctypes.addressof(arr))
+        n = _sys_groups(cast("dict[str, int]", _NR)["getgroups"], n, ctypes.addressof(arr))
     if n < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -200,7 +207,7 @@ def _restore(srv: _Server, groups_changed: bool) -> None:
         os.abort()
 
 
-def run_as(creds: Creds, fn, *args):
+def run_as(creds: Creds, fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) on this thread with creds' fsuid, fsgid and groups; restored after.
 
     EPERM (the op does not run) when a switch does not take.

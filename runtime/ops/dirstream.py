@@ -26,6 +26,7 @@ import os
 import platform
 import struct
 import threading
+from typing import Any
 
 from actorfs.runtime.core.attrs import DT_UNKNOWN, dtype_of_mode
 
@@ -45,7 +46,7 @@ _U64 = (1 << 64) - 1
 _LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
-def _getdents64(fd: int, buf, size: int) -> int:
+def _getdents64(fd: int, buf: Any, size: int) -> int:  # buf: a ctypes buffer
     if _getdents is not None:
         n = _getdents(fd, buf, size)
     else:
@@ -56,7 +57,7 @@ def _getdents64(fd: int, buf, size: int) -> int:
     if n < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"getdents64: {os.strerror(e)}")
-    return n
+    return int(n)  # c_ssize_t restype: already an int, typed Any
 
 
 def parse(data: bytes) -> list[tuple[int, int, int, bytes]]:

@@ -12,9 +12,11 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from actorfs.actors.handles import HandleTable
 from actorfs.actors.inode_table import FdBudget, InodeTable
+from actorfs.runtime.core.actor import Actor
 from actorfs.runtime.core.blocking_pool import BlockingPool
 from actorfs.runtime.core.supervisor import Supervisor
 from actorfs.runtime.host.backing_fs import (
@@ -30,6 +32,18 @@ PASSTHROUGH_MODES = ("auto", "on", "off")
 
 # entry/attr timeouts per cache mode (seconds). "always" relies on the watcher.
 _TIMEOUTS = {"never": 0.0, "auto": 1.0, "always": 86400.0}
+
+
+if TYPE_CHECKING:
+    from actorfs.actors.dax import DaxWindow
+
+
+class BackingRegistry(Protocol):
+    """Filesystem.backing: the transport's FUSE passthrough backing files."""
+
+    def open(self, fd: int) -> int: ...
+
+    def close(self, backing_id: int) -> None: ...
 
 
 class ConfigError(ValueError):
@@ -122,7 +136,7 @@ def may_register_backing() -> bool:
     return os.geteuid() == 0
 
 
-def passthrough_plan(config, transport: str, kernel_offers: bool) -> tuple[bool, str]:
+def passthrough_plan(config: FsConfig, transport: str, kernel_offers: bool) -> tuple[bool, str]:
     """(use FUSE passthrough, why): decided at INIT, shown at start-up and in stats.
 
     Under "auto" it stays off where it would break a promise of another option:
@@ -196,10 +210,10 @@ class Filesystem:
         self.watcher = None  # actors.watcher.Watcher when host changes are watched
         # FUSE passthrough: set by the /dev/fuse transport once INIT negotiated it;
         # an object with open(fd) -> backing_id and close(backing_id).
-        self.backing = None
+        self.backing: BackingRegistry | None = None
         # nodeid -> (dev, ino, size, mtime_ns, ctime_ns) at its last cached open: an open
         # that finds the same keeps the client's page cache (ops._opened).
-        self.page_versions: dict[int, tuple] = {}
+        self.page_versions: dict[int, tuple[int, int, int, int, int]] = {}
         self.supervisor = Supervisor()
         if config.dax_name or config.dax_size:
             self.dax = self._make_dax_window(config)
@@ -240,7 +254,7 @@ class Filesystem:
             await self.pool.run_owning([h.fd for h in handles], lambda: None)
 
     @staticmethod
-    def _make_dax_window(config: FsConfig):
+    def _make_dax_window(config: FsConfig) -> DaxWindow:
         from actorfs.actors.dax import DaxWindow
 
         if config.dax_mapper == "channel":
@@ -259,7 +273,7 @@ class Filesystem:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    def actors(self) -> list:
+    def actors(self) -> list[Actor]:
         return [a for a in (self.inodes, self.handles, self.dax, self.watcher) if a is not None]
 
     @classmethod

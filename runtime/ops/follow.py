@@ -68,7 +68,7 @@ def unregister_own(conn: int | None) -> None:
         _own.discard(_dev(conn))
 
 
-def own_devices() -> frozenset:
+def own_devices() -> frozenset[tuple[int, int]]:
     with _own_lock:
         return frozenset(_own)
 

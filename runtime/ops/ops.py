@@ -17,6 +17,8 @@ import builtins
 import errno
 import os
 import stat
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from actorfs.actors.inode_table import KIND_DIR, KIND_FILE, KIND_SYMLINK
 from actorfs.runtime.core.abi import (
@@ -57,7 +59,10 @@ from actorfs.runtime.core.blocking_pool import close_all
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.host import syscalls
 from actorfs.runtime.ops import creds, dirstream, follow
+from actorfs.runtime.ops.creds import Creds
 from actorfs.runtime.ops.filesystem import Filesystem
+
+T = TypeVar("T")
 
 NAME_MAX = 255
 MAX_IO = 32 << 20  # copy_file_range chunk (no buffer here: the kernel copies)
@@ -99,7 +104,9 @@ def _entry(fs: Filesystem, nodeid: int, st: os.stat_result) -> Entry:
 # pool jobs (run in a thread)
 
 
-def _job_lookup(pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool):
+def _job_lookup(
+    pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool
+) -> tuple[int, os.stat_result, int]:
     """O_PATH fd + stat for parent/name under the symlink policy."""
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
     try:
@@ -240,7 +247,7 @@ def _kill_suidgid(fd: int, gid: int) -> None:
         os.chmod(proc_fd(fd), stat.S_IMODE(mode) & ~kill)
 
 
-def _job_write(fd: int, data, offset: int, kill_gid: int) -> int:
+def _job_write(fd: int, data: bytes | bytearray | memoryview, offset: int, kill_gid: int) -> int:
     """pwrite; then, when kill_gid >= 0, drop set-ID bits for that writer."""
     n = os.pwrite(fd, data, offset)
     if kill_gid >= 0:
@@ -248,7 +255,9 @@ def _job_write(fd: int, data, offset: int, kill_gid: int) -> int:
     return n
 
 
-def _job_make(pfd, name, kind, mode, rdev, target, umask_proc):
+def _job_make(
+    pfd: int, name: bytes, kind: str, mode: int, rdev: int, target: bytes, umask_proc: int
+) -> tuple[int, os.stat_result]:
     """mkdir / mknod / symlink, then O_PATH + stat of the new object (as the
     requester: _creator)."""
     if kind == "dir":
@@ -267,7 +276,9 @@ def _job_make(pfd, name, kind, mode, rdev, target, umask_proc):
         raise
 
 
-def _job_create(pfd, name, mode, flags, umask_proc, kill_gid=-1):
+def _job_create(
+    pfd: int, name: bytes, mode: int, flags: int, umask_proc: int, kill_gid: int = -1
+) -> tuple[int, int, os.stat_result]:
     """Exclusive create (the client's O_EXCL is honoured; a stale negative dentry
     in the client's cache that meets a file created on the host opens it)."""
     base = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -293,8 +304,10 @@ def _job_create(pfd, name, mode, flags, umask_proc, kill_gid=-1):
         raise
 
 
-def _job_lookup_many(pfd: int, names: list[bytes], policy: str, root: bytes, want_dup: bool):
-    out = []
+def _job_lookup_many(
+    pfd: int, names: list[bytes], policy: str, root: bytes, want_dup: bool
+) -> list[tuple[bytes, int, os.stat_result | None, int]]:
+    out: list[tuple[bytes, int, os.stat_result | None, int]] = []
     for name in names:
         try:
             out.append((name, *_job_lookup(pfd, name, policy, root, want_dup)))
@@ -304,14 +317,14 @@ def _job_lookup_many(pfd: int, names: list[bytes], policy: str, root: bytes, wan
 
 
 def _job_setattr(
-    fd: int, is_handle: bool, kind: int, s, umask_proc: int, gid_of_caller: int = -1
+    fd: int, is_handle: bool, kind: int, s: Any, umask_proc: int, gid_of_caller: int = -1
 ) -> os.stat_result:
     valid = s.valid
-    path = None if is_handle else proc_fd(fd)
+    path: int | bytes = fd if is_handle else proc_fd(fd)
     if valid & FATTR_MODE:
         if kind == KIND_SYMLINK and not is_handle:
             raise FsError(errno.EOPNOTSUPP)  # Linux has no lchmod
-        os.chmod(fd if is_handle else path, s.mode & 0o7777)
+        os.chmod(path, s.mode & 0o7777)
     if valid & (FATTR_UID | FATTR_GID):
         uid = s.uid if valid & FATTR_UID else -1
         gid = s.gid if valid & FATTR_GID else -1
@@ -321,7 +334,7 @@ def _job_setattr(
             raise FsError(errno.EISDIR)
         if kind != 0 and not is_handle:
             raise FsError(errno.EINVAL)
-        os.truncate(fd if is_handle else path, s.size)
+        os.truncate(path, s.size)
     if valid & (FATTR_ATIME | FATTR_MTIME | FATTR_ATIME_NOW | FATTR_MTIME_NOW):
         omit = (0, syscalls.UTIME_OMIT)
         now = (0, syscalls.UTIME_NOW)
@@ -340,7 +353,7 @@ def _fsync_fd(fd: int, datasync: bool) -> None:
         os.fsync(fd)
 
 
-def _job_xattr(fd: int, kind: int, fn, *args):
+def _job_xattr(fd: int, kind: int, fn: Callable[..., T], *args: Any) -> T:
     """xattr syscalls on the object behind an O_PATH fd (f*xattr refuse O_PATH).
 
     /proc/self/fd/N is a magic link to the object itself: following it lands
@@ -355,13 +368,20 @@ def _job_xattr(fd: int, kind: int, fn, *args):
 # ops
 
 
-async def _pool(fs: Filesystem, fds, fn, *args, inline: bool | None = None, creds=None):
+async def _pool(
+    fs: Filesystem,
+    fds: Sequence[int],
+    fn: Callable[..., T],
+    *args: Any,
+    inline: bool | None = None,
+    creds: Creds | None = None,
+) -> T:
     """Run a job that owns `fds`: on the loop when it cannot block (`inline`,
     by default fs.inline: runtime/host/backing_fs.py), else in the blocking pool.
     With `creds` (runtime/ops/creds.py) the job runs with those credentials on
     whichever thread runs it, restored before that thread does anything else."""
     if creds is not None:
-        fn, args = _run_as, (creds, fn, *args)
+        fn, args = _run_as, (creds, fn, *args)  # run_as(creds, fn, *args) returns fn's result
     try:
         if fs.inline if inline is None else inline:
             try:
@@ -433,6 +453,7 @@ async def getattr(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int | No
 async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
     _ro(fs)
     ifd, kind = await fs.inodes.dup_fd(nodeid)
+    fds: tuple[int, ...]
     if s.valid & FATTR_FH:
         try:
             hfd = await fs.handles.dup_fd(s.fh, want_dir=None)
@@ -459,7 +480,16 @@ def _readlink_fd(fd: int) -> bytes:
     return os.fsencode(os.readlink("", dir_fd=fd))
 
 
-async def _make(fs, ctx, parent, name, kind, mode, rdev=0, target=b"") -> Entry:
+async def _make(
+    fs: Filesystem,
+    ctx: RequestContext,
+    parent: int,
+    name: bytes,
+    kind: str,
+    mode: int,
+    rdev: int = 0,
+    target: bytes = b"",
+) -> Entry:
     _ro(fs)
     check_name(name)
     pfd, pkind = await fs.inodes.dup_fd(parent)
@@ -517,7 +547,9 @@ async def rmdir(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -
     await _remove(fs, ctx, parent, name, os.rmdir)
 
 
-async def _remove(fs, ctx, parent, name, fn) -> None:
+async def _remove(
+    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes, fn: Callable[..., None]
+) -> None:
     _ro(fs)
     check_name(name)
     pfd, _ = await fs.inodes.dup_fd(parent)
@@ -525,7 +557,7 @@ async def _remove(fs, ctx, parent, name, fn) -> None:
     await fs.inodes.unlinked(parent, name)
 
 
-def _remove_at(fn, name: bytes, pfd: int) -> None:
+def _remove_at(fn: Callable[..., None], name: bytes, pfd: int) -> None:
     fn(name, dir_fd=pfd)
 
 
@@ -554,7 +586,7 @@ async def link(fs: Filesystem, ctx: RequestContext, nodeid: int, newparent: int,
     return _entry(fs, nodeid2, st)
 
 
-def _job_link(sfd: int, nfd: int, newname: bytes):
+def _job_link(sfd: int, nfd: int, newname: bytes) -> tuple[int, os.stat_result]:
     # linkat through /proc/self/fd follows only the magic link, so the new name
     # links the object itself (a symlink stays a symlink: link(2) never follows).
     if stat.S_ISDIR(os.fstat(sfd).st_mode):
@@ -639,7 +671,7 @@ async def _opened(
     try:
         fh = await fs.handles.add(fd, nodeid, False, backing)
     except BaseException:
-        if backing:
+        if backing and b is not None:  # backing != 0 only when b opened it
             b.close(backing)
         raise
     return Opened(fh, flags, backing)
@@ -678,7 +710,7 @@ def _set_id(st: os.stat_result) -> bool:
     return bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
 
 
-def _job_reopen_stat(ifd: int, flags: int, kill_gid: int = -1):
+def _job_reopen_stat(ifd: int, flags: int, kill_gid: int = -1) -> tuple[int, os.stat_result]:
     fd = _reopen(ifd, flags, kill_gid)
     try:
         return fd, os.fstat(fd)
@@ -763,7 +795,7 @@ async def read(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset
 
 
 async def write(
-    fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, data, write_flags: int = 0
+    fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, offset: int, data: bytes | bytearray | memoryview, write_flags: int = 0
 ) -> int:
     fd = await fs.handles.dup_fd(fh, want_dir=False)
     kill_gid = ctx.gid if write_flags & FUSE_WRITE_KILL_SUIDGID else -1
@@ -817,7 +849,7 @@ async def opendir(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int =
     return Opened(fh, flags_out)
 
 
-async def _dir_batch(fs: Filesystem, fh: int, offset: int, size: int) -> list:
+async def _dir_batch(fs: Filesystem, fh: int, offset: int, size: int) -> list[tuple[int, int, int, bytes]]:
     """Host entries from cookie `offset` (runtime/ops/dirstream.py): nothing is kept per handle."""
     dfd = await fs.handles.dup_fd(fh, want_dir=True)
     return await _pool(fs, (dfd,), dirstream.read, dfd, offset, size, fh)
@@ -850,7 +882,7 @@ async def readdirplus(
         results = await _pool(
             fs, (pfd,), _job_lookup_many, pfd, names, fs.config.symlinks, fs.inodes.root, want_dup
         )
-        ok = [(n, fd, st) for n, fd, st, _ in results if fd >= 0]
+        ok = [(n, fd, st) for n, fd, st, _ in results if fd >= 0 and st is not None]  # st: set when fd is
         nodeids = await fs.inodes.register_many(nodeid, ok) if ok else []
         for (n, _fd, st), nid in zip(ok, nodeids, strict=True):
             if nid:
@@ -905,7 +937,13 @@ async def access(fs: Filesystem, ctx: RequestContext, nodeid: int, mask: int) ->
         raise FsError(errno.EACCES)
 
 
-async def _xattr(fs, nodeid, fn, *args, creds=None):
+async def _xattr(
+    fs: Filesystem,
+    nodeid: int,
+    fn: Callable[..., T],
+    *args: Any,
+    creds: Creds | None = None,
+) -> T:
     fd, kind = await fs.inodes.dup_fd(nodeid)
     return await _pool(fs, (fd,), _job_xattr, fd, kind, fn, *args, creds=creds)
 

@@ -24,7 +24,7 @@ async def snapshot(fs: Filesystem) -> bytes:
     return await fs.inodes.snapshot()
 
 
-def _reopen_beneath(root_fd: int, root: bytes, path: bytes):
+def _reopen_beneath(root_fd: int, root: bytes, path: bytes) -> tuple[int, os.stat_result] | None:
     """O_PATH fd + stat for `path` (absolute, under root), never following a symlink."""
     if path == root:
         return None
@@ -48,8 +48,11 @@ def _reopen_beneath(root_fd: int, root: bytes, path: bytes):
         return None
 
 
-def _reopen_all(root_fd: int, root: bytes, inodes: list) -> tuple[list, int]:
-    out, dropped = [], 0
+def _reopen_all(
+    root_fd: int, root: bytes, inodes: list[tuple[int, int, bytes]]
+) -> tuple[list[tuple[int, int, bytes, int, os.stat_result]], int]:
+    out: list[tuple[int, int, bytes, int, os.stat_result]] = []
+    dropped = 0
     for nodeid, kind, path in inodes:
         if nodeid == FUSE_ROOT_ID:
             continue
