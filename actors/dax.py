@@ -41,7 +41,7 @@ import stat
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sortedcontainers import SortedList
 
@@ -58,6 +58,7 @@ from actorfs.runtime.host.shm_view import (
     page_aligned,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("actorfs.dax")
 
 _OFF_MAX = (1 << 63) - 1  # off_t
@@ -184,6 +185,7 @@ class InProcessMapper:
     # -- actor task ----------------------------------------------------------
     def install(self, m: Mapping, prepared: Prepared | None) -> None:
         assert prepared is not None and prepared.probe is not None
+        assert self.view is not None  # bound by the window before any mapping
         try:
             self.view.move_into(m.start, m.length, prepared.probe)
         except OSError:
@@ -193,16 +195,25 @@ class InProcessMapper:
             raise
 
     def clear(self, start: int, length: int) -> None:
+        assert self.view is not None  # bound by the window before any mapping
         self.view.restore(start, length)
 
     def release(self, ref: FileRef) -> None:  # no fds are kept in-process
         os.close(ref.fd)
 
-    def commit(self) -> Future | None:
+    def commit(self) -> Future[None] | None:
         return None  # everything above already happened
 
     def close(self, table: list[Mapping]) -> None:
         """The view is unmapped as a whole by the window; nothing else to undo."""
+
+
+def _stepped_result(
+    handler: Callable[..., Generator[Any, Any, T]],
+) -> Callable[..., T]:
+    """For the type checker: Actor.ask() of a stepped handler returns what the
+    generator returns (the object itself is passed through unchanged)."""
+    return cast("Callable[..., T]", handler)
 
 
 class DaxWindow(Actor):
@@ -239,7 +250,8 @@ class DaxWindow(Actor):
     # -- facts a hypervisor needs ------------------------------------------------
     @property
     def shm_name(self) -> str:
-        return self.view.name
+        name: str = self.view.name  # posix_ipc's, untyped
+        return name
 
     @property
     def size(self) -> int:
@@ -289,7 +301,7 @@ class DaxWindow(Actor):
                 os.close(fd)
             raise
         try:
-            done = await self.ask(self._setup, moffset, foffset, writable, prepared)
+            done = await self.ask(_stepped_result(self._setup), moffset, foffset, writable, prepared)
         finally:
             prepared.discard()  # no-op once the actor took it
         if done is not None:
@@ -302,7 +314,7 @@ class DaxWindow(Actor):
 
     async def unmap(self, ranges: Iterable[tuple[int, int]]) -> None:
         """REMOVEMAPPING: each range gets the window's own pages back."""
-        done = await self.ask(self._remove, list(ranges))
+        done = await self.ask(_stepped_result(self._remove), list(ranges))
         if done is not None:
             try:
                 await asyncio.wrap_future(done)
@@ -324,7 +336,9 @@ class DaxWindow(Actor):
     # Stepped handlers: each `yield` is a point where the table and the window
     # agree; later messages to this actor wait until the handler returns.
     @stepped
-    def _setup(self, moffset: int, foffset: int, writable: bool, prepared: Prepared):
+    def _setup(
+        self, moffset: int, foffset: int, writable: bool, prepared: Prepared
+    ) -> Generator[None, None, Future[None] | None]:
         if self._closed:
             raise FsError(errno.EIO, "DAX window is closed")
         prepared.consume()
@@ -355,7 +369,9 @@ class DaxWindow(Actor):
         return self.mapper.commit()
 
     @stepped
-    def _remove(self, ranges: list[tuple[int, int]]):
+    def _remove(
+        self, ranges: list[tuple[int, int]]
+    ) -> Generator[None, None, Future[None] | None]:
         if self._closed:
             raise FsError(errno.EIO, "DAX window is closed")
         # All or nothing: every range must be valid and fully mapped before any changes.
@@ -398,7 +414,7 @@ class DaxWindow(Actor):
             out.append(self._table[s])
         return out
 
-    def _check_covered(self, ranges: list[tuple[int, int]]):
+    def _check_covered(self, ranges: list[tuple[int, int]]) -> Generator[None, None, bool]:
         """Whether the ranges are disjoint and each is wholly mapped (a stepped part).
 
         Disjoint ranges do not change each other's coverage, so each is checked

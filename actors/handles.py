@@ -19,9 +19,13 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from actorfs.runtime.core.actor import Actor
 from actorfs.runtime.core.errno_map import FsError
+
+if TYPE_CHECKING:
+    from actorfs.actors.inode_table import FdBudget
 
 
 @dataclass(slots=True)
@@ -36,7 +40,7 @@ class Handle:
 class HandleTable(Actor):
     name = "handles"
 
-    def __init__(self, max_handles: int = 1 << 18, budget=None):
+    def __init__(self, max_handles: int = 1 << 18, budget: FdBudget | None = None):
         super().__init__()
         self.max_handles = max_handles
         self.budget = budget  # an inode_table.FdBudget, or None (no shared budget)

@@ -49,7 +49,9 @@ import resource
 import stat
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.core.actor import Actor
@@ -73,6 +75,41 @@ def kind_of_mode(mode: int) -> int:
     return KIND_OTHER
 
 
+# (handle | None, mount id, birth time | None): what identifies an object once its fd is gone
+Ident = tuple[bytes | None, int, tuple[int, int] | None]
+SnapshotInode = tuple[int, int, bytes]  # (nodeid, kind, host path)
+SnapshotChild = tuple[int, bytes, int]  # (parent, name, child)
+SnapshotPlan = tuple[int, list[SnapshotInode], list[SnapshotChild]]  # (next nodeid, inodes, children)
+RestoredInode = tuple[int, int, bytes, int, os.stat_result]  # (nodeid, kind, path, fd, stat)
+
+
+class FdCacheStats(TypedDict):
+    """InodeTable.stats(): the fd cache's figures (JSON-ready: the stats socket)."""
+
+    inodes_known: int
+    fds_held: int
+    fds_cached: int
+    fds_pinned: int
+    cache_cap: int
+    hits: int
+    misses: int
+    evictions: int
+    reopened_by_handle: int
+    reopened_by_path: int
+    stale: int
+    file_handles: bool
+
+
+class InodeCounts(FdCacheStats):
+    """InodeTable.counts(): the table's sizes and the fd cache's figures."""
+
+    inodes: int
+    names: int
+    next_nodeid: int
+    lookups: int
+    refused: int
+
+
 @dataclass(slots=True)
 class Inode:
     nodeid: int
@@ -86,7 +123,7 @@ class Inode:
     pins: int = 0  # open file/dir handles on it: its fd is never evicted
     # (handle | None, mount id, birth time | None): taken at the first eviction,
     # while the held fd still pins the object.
-    ident: tuple | None = None
+    ident: Ident | None = None
     stale: bool = False  # its (st_dev, st_ino) now names another object
 
 
@@ -106,9 +143,9 @@ class FdBudget:
         self.fd_cache = fd_cache
         self.max_in_flight = max_in_flight
         self.handles = 0  # open handle fds (kept by the handle table)
-        self._fixed = _zero  # the inode table: fds it never evicts (root, pinned, mounts)
-        self._cached = _zero  # the inode table: evictable fds it holds
-        self._evict = _evict_none  # the inode table: evict n cached fds, return how many
+        self._fixed: Callable[[], int] = _zero  # the inode table: fds it never evicts (root, pinned, mounts)
+        self._cached: Callable[[], int] = _zero  # the inode table: evictable fds it holds
+        self._evict: Callable[[int], int] = _evict_none  # the inode table: evict n cached fds, return how many
 
     def total(self) -> int:
         n = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -128,7 +165,12 @@ class FdBudget:
             return True
         return self._evict(1) > 0  # else every fd is a handle, the root or pinned
 
-    def attach(self, fixed, cached, evict) -> None:
+    def attach(
+        self,
+        fixed: Callable[[], int],
+        cached: Callable[[], int],
+        evict: Callable[[int], int],
+    ) -> None:
         self._fixed, self._cached, self._evict = fixed, cached, evict
 
 
@@ -238,7 +280,9 @@ class InodeTable(Actor):
         pin=True: a handle is opened on it at once (CREATE)."""
         return await self.ask(self._register, parent, name, fd, st, pin)
 
-    async def register_many(self, parent: int, items: list) -> list[int]:
+    async def register_many(
+        self, parent: int, items: list[tuple[bytes, int, os.stat_result]]
+    ) -> list[int]:
         """register() for a batch of (name, fd, stat) from one directory (READDIRPLUS)."""
         return await self.ask(self._register_many, parent, items)
 
@@ -270,17 +314,19 @@ class InodeTable(Actor):
         """The (name, nodeid) pairs the client knows in directory `parent`."""
         return await self.ask(lambda: list(self._kids.get(parent, {}).items()))
 
-    async def counts(self) -> dict:
+    async def counts(self) -> InodeCounts:
         return await self.ask(self._counts)
 
     async def snapshot(self) -> bytes:
         return await self.ask(self._snapshot)
 
-    async def restore_plan(self, blob: bytes) -> tuple[int, list, list]:
+    async def restore_plan(self, blob: bytes) -> SnapshotPlan:
         """Parse and validate a blob (errors raise SnapshotError); no state change."""
         return self._parse_snapshot(blob)
 
-    async def install_restored(self, next_nodeid: int, inodes: list, children: list) -> int:
+    async def install_restored(
+        self, next_nodeid: int, inodes: list[RestoredInode], children: list[SnapshotChild]
+    ) -> int:
         """Install reopened inodes; returns how many were dropped as duplicates."""
         return await self.ask(self._install_restored, next_nodeid, inodes, children)
 
@@ -319,7 +365,7 @@ class InodeTable(Actor):
                 raise
         return os.dup(ino.fd)
 
-    def _info(self, nodeid: int):
+    def _info(self, nodeid: int) -> tuple[int, bytes, tuple[int, bytes] | None]:
         ino = self._get(nodeid)
         name = next(iter(ino.names), None)
         return ino.kind, ino.path, name
@@ -364,7 +410,9 @@ class InodeTable(Actor):
         self._trim(ino)
         return ino.nodeid
 
-    def _register_many(self, parent: int, items: list) -> list[int]:
+    def _register_many(
+        self, parent: int, items: list[tuple[bytes, int, os.stat_result]]
+    ) -> list[int]:
         out = []
         for name, fd, st in items:
             try:
@@ -435,7 +483,9 @@ class InodeTable(Actor):
     def _unlinked(self, parent: int, name: bytes) -> int | None:
         return self._unbind(parent, name)
 
-    def _renamed(self, parent, name, newparent, newname, exchange) -> None:
+    def _renamed(
+        self, parent: int, name: bytes, newparent: int, newname: bytes, exchange: bool
+    ) -> None:
         src = self._unbind(parent, name)
         dst = self._unbind(newparent, newname)
         if src is not None and src in self._inodes:
@@ -463,7 +513,7 @@ class InodeTable(Actor):
     def _child(self, parent: int, name: bytes) -> int | None:
         return self._kids.get(parent, {}).get(name)
 
-    def _counts(self) -> dict:
+    def _counts(self) -> InodeCounts:
         return {
             "inodes": len(self._inodes),
             "names": sum(len(k) for k in self._kids.values()),
@@ -473,7 +523,7 @@ class InodeTable(Actor):
             **self.stats(),
         }
 
-    def stats(self) -> dict:
+    def stats(self) -> FdCacheStats:
         """The fd cache's figures (plain attribute reads: safe from any task)."""
         return {
             "inodes_known": len(self._inodes),
@@ -587,12 +637,12 @@ class InodeTable(Actor):
                 continue
             self._evict(self._inodes[nodeid])
 
-    def _make_room(self, keep: set[int] | frozenset = frozenset()) -> int:
+    def _make_room(self, keep: set[int] | frozenset[int] = frozenset()) -> int:
         """Out of fds: evict a quarter of the cache (at least 16), never `keep`."""
         return self._evict_some(max(16, len(self._lru) // 4), keep)
 
-    def _evict_some(self, n: int, keep: set[int] | frozenset = frozenset()) -> int:
-        victims = []
+    def _evict_some(self, n: int, keep: set[int] | frozenset[int] = frozenset()) -> int:
+        victims: list[int] = []
         for nodeid in self._lru:
             if len(victims) >= n:
                 break
@@ -623,8 +673,9 @@ class InodeTable(Actor):
         os.close(fd)
 
     @staticmethod
-    def _identify(fd: int, kind: int) -> tuple:
+    def _identify(fd: int, kind: int) -> Ident:
         """(handle | None, mount id, birth time | None) of the object behind fd."""
+        handle: bytes | None
         try:
             handle, mnt = syscalls.name_to_handle(fd)
         except OSError:
@@ -660,9 +711,11 @@ class InodeTable(Actor):
 
     def _reopen_by_handle(self, ino: Inode) -> int:
         """A verified O_PATH fd from the inode's handle; -1 to try by name instead."""
-        if not self.handles_usable or ino.ident is None or ino.ident[0] is None:
+        if not self.handles_usable or ino.ident is None:
             return -1
         handle, mnt, _ = ino.ident
+        if handle is None:
+            return -1
         mfd = self._mount_fds.get(mnt)
         if mfd is None:
             return -1
@@ -762,7 +815,7 @@ class InodeTable(Actor):
             out += struct.pack("<QI", parent, len(name)) + name + struct.pack("<Q", child)
         return bytes(out)
 
-    def _parse_snapshot(self, blob: bytes) -> tuple[int, list, list]:
+    def _parse_snapshot(self, blob: bytes) -> SnapshotPlan:
         view = memoryview(blob)
         pos = 0
 
@@ -777,7 +830,8 @@ class InodeTable(Actor):
             return s
 
         def u(fmt: str) -> int:
-            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+            value: int = struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+            return value
 
         if bytes(take(4)) != SNAPSHOT_MAGIC:
             raise SnapshotError("snapshot bad magic (expected b'PFSS')")
@@ -815,7 +869,9 @@ class InodeTable(Actor):
             raise SnapshotError(f"snapshot has {len(view) - pos} trailing bytes")
         return next_nodeid, inodes, children
 
-    def _install_restored(self, next_nodeid: int, inodes: list, children: list) -> int:
+    def _install_restored(
+        self, next_nodeid: int, inodes: list[RestoredInode], children: list[SnapshotChild]
+    ) -> int:
         """inodes: [(nodeid, kind, path, fd, stat)] already reopened beneath the root.
 
         Several nodeids can reach one object now: a held file was unlinked and

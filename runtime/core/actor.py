@@ -28,7 +28,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Generator
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from actorfs.runtime.core.errno_map import FsError
 
@@ -37,6 +37,8 @@ log = logging.getLogger("actorfs.actor")
 _STOP = object()
 
 # The longest a stepped handler runs before the actor gives the loop back.
+T = TypeVar("T")
+
 STEP_BUDGET = 0.002
 
 
@@ -96,8 +98,8 @@ class Actor:
 
     # -- client side -------------------------------------------------------
     async def ask(
-        self, handler: Callable[..., Any], *args: Any, orphan: Callable[[Any], None] | None = None
-    ) -> Any:
+        self, handler: Callable[..., T], *args: Any, orphan: Callable[[Any], None] | None = None
+    ) -> T:
         """Run `handler(*args)` in the actor's task and return its result.
 
         `orphan` is called with the result if the caller was cancelled before the
@@ -118,14 +120,15 @@ class Actor:
             # queued ahead of this one) without two trips through the loop.
             if not getattr(handler, "stepped", False):
                 return handler(*args)
-            gen = handler(*args)
+            # A stepped handler is a generator function: ask() returns what it returns.
+            gen = cast("Generator[Any, Any, Any]", handler(*args))
             done, result = _run_slice(gen)
             if done:
-                return result
+                return cast(T, result)
             # Not done in one slice: the actor's task goes on with it. The
             # mailbox is empty, so nothing can come in between.
-            handler, args = _resume, (gen,)
-        fut = asyncio.get_running_loop().create_future()
+            handler, args = cast("Callable[..., T]", _resume), (gen,)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if orphan is not None:
             fut.orphan = orphan  # type: ignore[attr-defined]
         await self._mailbox.put((handler, args, fut))
