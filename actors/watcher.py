@@ -47,8 +47,10 @@ import errno
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from actorfs.actors.inode_table import KIND_DIR
 from actorfs.runtime.core.abi import FUSE_ROOT_ID
@@ -56,6 +58,10 @@ from actorfs.runtime.core.actor import Actor
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.core.shield import shielded
 from actorfs.runtime.host import inotify
+
+if TYPE_CHECKING:
+    from actorfs.actors.inode_table import InodeTable
+    from actorfs.runtime.core.blocking_pool import BlockingPool
 
 log = logging.getLogger("actorfs.watcher")
 
@@ -106,6 +112,29 @@ class Batch:
         return bool(self.inodes or self.children or self.entries or self.rechecks or self.overflow)
 
 
+# A notice for the notifier: (method name, *its arguments).
+Notice = tuple[Any, ...]
+
+
+class WatcherStats(TypedDict):
+    """Watcher.stats() (JSON-ready: the stats socket)."""
+
+    events: int
+    coalesced: int
+    batches: int
+    overflows: int
+    watches_active: int
+    watches_added: int
+    watches_removed: int
+    watches_refused: int
+    watch_errors: int
+    entries_unchanged: int
+    max_watches: int
+    sent: dict[str, int]
+    undelivered: dict[str, int]
+    inotify: bool
+
+
 class Watcher(Actor):
     """Watches host inodes for the client; see the module docstring.
 
@@ -121,18 +150,20 @@ class Watcher(Actor):
 
     name = "watcher"
 
+    # fs: the op layer's Filesystem (actorfs.runtime.ops, above this package);
+    # notifier: a transport's notifier (runtime/fuse/notify.py), sync or async.
     def __init__(
         self,
-        fs=None,
-        notifier=None,
+        fs: Any = None,
+        notifier: Any = None,
         *,
         window: float = DEFAULT_WINDOW,
         max_watches: int | None = None,
         mailbox_size: int = 1 << 16,
-    ):
+    ) -> None:
         super().__init__(mailbox_size)
-        self.inodes = fs.inodes if fs is not None else None  # for (parent, name) -> nodeid
-        self.pool = fs.pool if fs is not None else None  # for the entry checks' syscalls
+        self.inodes: InodeTable | None = fs.inodes if fs is not None else None  # for (parent, name) -> nodeid
+        self.pool: BlockingPool | None = fs.pool if fs is not None else None  # for the entry checks' syscalls
         self.notifier = notifier
         self.window = window
         self.max_watches = min(max_watches or DEFAULT_MAX_WATCHES, inotify.max_user_watches())
@@ -145,7 +176,7 @@ class Watcher(Actor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._armed = False
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: Future | None = None
+        self._inflight: Future[list[tuple[str, object]]] | None = None
         # counters
         self.events = 0
         self.coalesced = 0
@@ -223,12 +254,12 @@ class Watcher(Actor):
         """The server forgot `nodeid`: drop its watch."""
         return self.tell(self._unwatch, nodeid)
 
-    def set_notifier(self, notifier) -> None:
+    def set_notifier(self, notifier: Any) -> None:
         """Swap the notifier (None: notices are counted as undelivered)."""
         if not self.tell(self._set_notifier, notifier):
             self.notifier = notifier  # not running: nobody else reads it now
 
-    def stats(self) -> dict:
+    def stats(self) -> WatcherStats:
         return {
             "events": self.events,
             "coalesced": self.coalesced,
@@ -253,7 +284,9 @@ class Watcher(Actor):
         )
 
     # -- handlers (the mailbox task) --------------------------------------------
-    def _watch(self, nodeid, fd, is_dir, parent, name) -> None:
+    def _watch(
+        self, nodeid: int, fd: int, is_dir: bool, parent: int | None, name: bytes | None
+    ) -> None:
         """An inode that had a kernel watch when watch() was called."""
         try:
             w = self._by_nodeid.get(nodeid)
@@ -281,7 +314,9 @@ class Watcher(Actor):
             os.close(fd)
         self._adopt(nodeid, wd, is_dir, parent, name)
 
-    def _adopt(self, nodeid, wd, is_dir, parent, name) -> None:
+    def _adopt(
+        self, nodeid: int, wd: int, is_dir: bool, parent: int | None, name: bytes | None
+    ) -> None:
         """Record a kernel watch `wd` as nodeid's (within our bound)."""
         old = self._by_nodeid.get(nodeid)
         if old is not None and old.wd != wd and self._by_wd.get(old.wd) == nodeid:
@@ -294,6 +329,7 @@ class Watcher(Actor):
             # forgotten): the kernel watch is shared, the newer nodeid owns it.
             self._by_nodeid.pop(prev, None)
         elif prev is None and len(self._by_nodeid) >= self.max_watches:
+            assert self._ino is not None  # _watch() checked it
             with contextlib.suppress(OSError):
                 self._ino.rm_watch(wd)
             self.watches_refused += 1
@@ -313,7 +349,7 @@ class Watcher(Actor):
                 with contextlib.suppress(OSError):  # EINVAL: the kernel dropped it already
                     self._ino.rm_watch(w.wd)
 
-    def _set_notifier(self, notifier) -> None:
+    def _set_notifier(self, notifier: Any) -> None:
         self.notifier = notifier
 
     def _drain(self) -> None:
@@ -368,7 +404,7 @@ class Watcher(Actor):
         elif mask & inotify.IN_ATTRIB:
             self._mark(b.children, (nodeid, name), False)
 
-    def _mark(self, d: dict, key, flag: bool, last: bool = False) -> None:
+    def _mark(self, d: dict[Any, bool], key: Any, flag: bool, last: bool = False) -> None:
         """Merge one notice into the batch; `last`: the newest flag wins, else any."""
         if key in d:
             self.coalesced += 1
@@ -376,7 +412,7 @@ class Watcher(Actor):
         else:
             d[key] = flag
 
-    def _recheck(self, entries: dict) -> None:
+    def _recheck(self, entries: dict[tuple[int, bytes], bool]) -> None:
         for key, deleted in entries.items():
             self._batch.rechecks[key] = self._batch.rechecks.get(key, False) or deleted
         if self._batch:
@@ -510,6 +546,8 @@ class Watcher(Actor):
         """
         if self.pool is None:
             return None
+        assert self.inodes is not None  # set with the pool, from fs
+        fds: tuple[int, ...]
         try:
             if child is None:
                 pfd, _kind = await self.inodes.dup_fd(parent)
@@ -536,8 +574,8 @@ class Watcher(Actor):
                 if parent is not None and name is not None:
                     entries.setdefault((parent, name), False)
             for nodeid, is_dir, _parent, _name in b.watched:
-                for cname, child in await self._children(nodeid) if is_dir else ():
-                    inodes[child] = True
+                for cname, kid in await self._children(nodeid) if is_dir else ():
+                    inodes[kid] = True
                     entries.setdefault((nodeid, cname), False)
         for (parent, name), data in b.children.items():
             child = await self._child(parent, name)
@@ -548,7 +586,7 @@ class Watcher(Actor):
             self.undelivered["inval_inode"] += len(inodes)
             self.undelivered["inval_entry"] += len(entries) + len(b.rechecks)
             return
-        calls: list[tuple] = []
+        calls: list[Notice] = []
         for nodeid, data in inodes.items():
             calls.append(("inval_inode", nodeid, 0 if data else -1, 0))
         can_delete = getattr(n, "delete", None) is not None
@@ -586,6 +624,7 @@ class Watcher(Actor):
                     fallback = ("inval_entry", call[1], call[3])
                     results.append(("inval_entry", await _notify_async(n, fallback)))
         else:
+            assert self._executor is not None  # made when the watcher started
             self._inflight = self._executor.submit(_notify_all, n, calls)
             results = await asyncio.wrap_future(self._inflight)
             self._inflight = None
@@ -601,7 +640,7 @@ class Watcher(Actor):
         self._by_nodeid.clear()
         self._by_wd.clear()
 
-    def _dropped(self, handler, args) -> None:
+    def _dropped(self, handler: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """A queued watch() message's fd is closed, not leaked."""
         if getattr(handler, "__func__", None) is Watcher._watch:
             with contextlib.suppress(OSError):
@@ -631,7 +670,7 @@ def _entry_state_job(pfd: int, name: bytes, cfd: int) -> str:
     return "same" if (now.st_dev, now.st_ino) == (known.st_dev, known.st_ino) else "other"
 
 
-def _notify(n, call: tuple):
+def _notify(n: Any, call: Notice) -> Any:
     """One notice; returns the notifier's result (False: not delivered), or a coroutine."""
     kind, *args = call
     try:
@@ -641,7 +680,7 @@ def _notify(n, call: tuple):
         return False
 
 
-async def _notify_async(n, call: tuple):
+async def _notify_async(n: Any, call: Notice) -> Any:
     """One notice through a coroutine notifier; False if it failed."""
     r = _notify(n, call)
     if not inspect.isawaitable(r):
@@ -653,7 +692,7 @@ async def _notify_async(n, call: tuple):
         return False
 
 
-def _with_fallback(n, call: tuple, ok) -> list[tuple[str, object]]:
+def _with_fallback(n: Any, call: Notice, ok: object) -> list[tuple[str, object]]:
     out = [(call[0], ok)]
     if call[0] == "delete" and ok is False:
         # The kernel refuses DELETE when the dentry now leads elsewhere, is a
@@ -662,9 +701,9 @@ def _with_fallback(n, call: tuple, ok) -> list[tuple[str, object]]:
     return out
 
 
-def _notify_all(n, calls: list[tuple]) -> list[tuple[str, object]]:
+def _notify_all(n: Any, calls: list[Notice]) -> list[tuple[str, object]]:
     """Runs in the watcher's thread for a synchronous notifier."""
-    out = []
+    out: list[tuple[str, object]] = []
     for call in calls:
         out.extend(_with_fallback(n, call, _notify(n, call)))
     return out
