@@ -47,6 +47,9 @@ __all__ = [
     # stats
     "Stats",
     "OpStats",
+    "FdCacheStats",
+    "InodeCounts",
+    "WatcherStats",
     # errors
     "FsError",
     "ConfigError",
@@ -72,10 +75,15 @@ _WHERE = {
     "ProtocolError": "actorfs.runtime.fuse.protocol",
     "Stats": "actorfs.runtime.fuse.stats",
     "OpStats": "actorfs.runtime.fuse.stats",
+    "FdCacheStats": "actorfs.actors.inode_table",
+    "InodeCounts": "actorfs.actors.inode_table",
+    "WatcherStats": "actorfs.actors.watcher",
     "FsError": "actorfs.runtime.core.errno_map",
 }
 
 if TYPE_CHECKING:  # what a type checker or an IDE sees
+    from actorfs.actors.inode_table import FdCacheStats, InodeCounts
+    from actorfs.actors.watcher import WatcherStats
     from actorfs.runtime.core.errno_map import FsError
     from actorfs.runtime.devfuse.mounting import MountError
     from actorfs.runtime.devfuse.server import MountedServer, ServerFailed, mount
