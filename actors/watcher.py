@@ -479,7 +479,7 @@ class Watcher(Actor):
         finally:
             await shielded(self._wind_down(sender))
 
-    async def _wind_down(self, sender: asyncio.Task) -> None:
+    async def _wind_down(self, sender: asyncio.Task[None]) -> None:
         self._disarm()
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -487,6 +487,7 @@ class Watcher(Actor):
         stuck = not await self._wait_inflight()
         # An idle thread is joined at once (no thread left behind); one
         # still stuck in a notify write is left to end with the fd.
+        assert self._executor is not None  # made in run(), before the sender
         self._executor.shutdown(wait=not stuck, cancel_futures=True)
         self._executor = None
         if self._stopped:  # a clean stop, not a crash to restart from
