@@ -227,13 +227,13 @@ class Virtqueue:
         head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         if head >= self.num:
             self._break(f"chain head {head} outside a queue of {self.num}")
+        if head in self.held:
+            # The driver published a head it has not got back yet: its ring is
+            # corrupt (or hostile). Completing either copy would let the other's
+            # reply land in buffers the driver may reuse: stop the queue instead.
+            self._break(f"chain head {head} published while still in flight")
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         chain = Chain(head)
-        if head in self.held:
-            # The driver published a head it has not got back yet: its own ring
-            # is corrupt. The chain is answered once, never twice.
-            chain.error = f"chain head {head} is already in flight"
-            return chain
         self.held.add(head)
         try:
             self._walk(chain)

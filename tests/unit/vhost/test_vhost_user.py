@@ -26,7 +26,7 @@ from actorfs.runtime.vhost import server as vhost_server
 from actorfs.runtime.vhost import vhost_user as vu
 from actorfs.runtime.vhost.guest_memory import GuestMemory
 from actorfs.runtime.vhost.server import Connection, SocketInUse, bind_socket, serve_vhost_user
-from actorfs.runtime.vhost.virtqueue import Virtqueue
+from actorfs.runtime.vhost.virtqueue import QueueBroken, Virtqueue
 from tests.support.vhost_frontend import (
     DESC,
     F_INDIRECT,
@@ -369,6 +369,18 @@ def test_each_head_is_pushed_once_per_pop():
         assert used() == 1
         vq.push(2, 16)  # twice
         assert used() == 1 and vq.dropped_pushes == 2
+        # Published again while in flight: the ring is corrupt, the queue stops
+        # (answering either copy would let the other's reply hit reused buffers).
+        struct.pack_into("<H", view, 0x1000 + 6, 2)  # avail ring[1] = head 2
+        struct.pack_into("<H", view, 0x1000 + 2, 2)  # avail.idx = 2
+        again = vq.pop()
+        assert again.head == 2 and again.error is None  # head 2 was back: fine
+        struct.pack_into("<H", view, 0x1000 + 8, 2)  # avail ring[2] = head 2, still held
+        struct.pack_into("<H", view, 0x1000 + 2, 3)
+        with pytest.raises(QueueBroken, match="still in flight"):
+            vq.pop()
+        assert vq.broken
+        again.release()
         chain.release()
         view.release()
         vq.unmap_rings()
