@@ -33,9 +33,13 @@ import contextlib
 import os
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn, TypeAlias
 
 from actorfs.runtime.vhost.guest_memory import GuestMemory, GuestMemoryError
+
+Bytes: TypeAlias = bytes | bytearray | memoryview  # what a reply iov holds
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -88,14 +92,14 @@ class Chain:
             return self.readable[0]
         return b"".join(self.readable)
 
-    def write_reply(self, iov: list) -> int | None:
+    def write_reply(self, iov: Sequence[Bytes]) -> int | None:
         """Scatter `iov` into the writable buffers; the byte count, or None if it won't fit."""
         srcs = [_bytes_view(b) for b in iov]
         total = sum(len(s) for s in srcs)
         if total > self.writable_len:
             return None
         dsts = iter(self.writable)
-        dst = None
+        dst: memoryview | None = None
         doff = 0
         for src in srcs:
             soff = 0
@@ -117,7 +121,7 @@ class Chain:
         self.writable = []
 
 
-def _bytes_view(b) -> memoryview:
+def _bytes_view(b: Bytes) -> memoryview:
     v = b if isinstance(b, memoryview) else memoryview(b)
     if v.format != "B" or v.ndim != 1:
         v = v.cast("B")
@@ -190,7 +194,7 @@ class Virtqueue:
         """
         if not self.ready:
             return False
-        if self._check_mem and not self.mem.intact():
+        if self._check_mem and self.mem is not None and not self.mem.intact():
             self.broken = True
             self.signal_error()
             return False
@@ -206,7 +210,9 @@ class Virtqueue:
 
     # -- available ring ----------------------------------------------------
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        assert self._avail is not None  # only called on a ready queue
+        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        return idx
 
     def has_work(self) -> bool:
         return self.ready and self.avail_idx() != self.last_avail
@@ -224,7 +230,8 @@ class Virtqueue:
         if pending > self.num:
             self._break(f"available index {avail} is {pending} ahead of {self.last_avail}")
         slot = self.last_avail % self.num
-        head = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        assert self._avail is not None
+        head: int = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
         if head >= self.num:
             self._break(f"chain head {head} outside a queue of {self.num}")
         if head in self.held:
@@ -243,6 +250,8 @@ class Virtqueue:
         return chain
 
     def _walk(self, chain: Chain) -> None:
+        assert self._desc is not None and self.mem is not None
+        mem = self.mem
         table: memoryview | bytes = self._desc
         size = self.num
         i = chain.head
@@ -266,7 +275,7 @@ class Virtqueue:
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table of {length} bytes")
                 # A snapshot: the table cannot change under the walk.
-                table = bytes(self.mem.view(addr, length))
+                table = bytes(mem.view(addr, length))
                 size = length // 16
                 i = 0
                 seen = 0
@@ -275,7 +284,7 @@ class Virtqueue:
             total += length
             if total > MAX_REQUEST_BYTES:
                 raise ChainError(f"chain of more than {MAX_REQUEST_BYTES} bytes")
-            bufs = self.mem.slices(addr, length)
+            bufs = mem.slices(addr, length)
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.extend(bufs)
             else:
@@ -286,7 +295,7 @@ class Virtqueue:
                 return
             i = nxt
 
-    def _break(self, why: str):
+    def _break(self, why: str) -> NoReturn:
         self.broken = True
         self.signal_error()
         raise QueueBroken(f"queue {self.index}: {why}")
@@ -304,16 +313,19 @@ class Virtqueue:
         if not self.intact():
             return
         self.held.discard(head)
+        used = self._used
+        assert used is not None  # intact() means mapped
         slot = self.used_idx % self.num
-        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, head, written)
+        _USED_ELEM.pack_into(used, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)
+        _U16.pack_into(used, 2, self.used_idx)
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (re-check)."""
         if not self.intact():
             return False
         if self.event_idx:
+            assert self._used is not None
             _U16.pack_into(self._used, 4 + 8 * self.num, self.last_avail)
             full_fence()  # publish avail_event before re-reading avail.idx
         return self.avail_idx() != self.last_avail
@@ -323,14 +335,16 @@ class Virtqueue:
         if not self.intact():
             return False
         full_fence()  # used.idx must be visible before reading the driver's suppression
+        avail = self._avail
+        assert avail is not None
         new = self.used_idx
         old = self.signalled_used
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.num)[0]
+            used_event: int = _U16.unpack_from(avail, 4 + 2 * self.num)[0]
             # vring_need_event(): did new pass used_event since old?
             need = ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
-            flags = _U16.unpack_from(self._avail, 0)[0]
+            flags: int = _U16.unpack_from(avail, 0)[0]
             need = new != old and not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
         self.signalled_used = new
         return need
