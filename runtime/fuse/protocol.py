@@ -19,10 +19,11 @@ from __future__ import annotations
 import errno as _errno
 import re
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import field, make_dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, is_dataclass
+from dataclasses import fields as _fields
 from operator import attrgetter
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 from actorfs.runtime.core import abi as _abi
 from actorfs.runtime.core.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs
@@ -425,32 +426,30 @@ OPCODE_NAMES: dict[int, str] = {
     for op, (name, _, _) in REQUESTS.items()
 }
 
-# fuse_in_header as a message: `req.h.unique`, `req.h.nodeid`, `req.h.uid`... (a
-# separate object because op structs reuse its names: fuse_setattr_in.uid,
-# fuse_interrupt_in.unique).
-InHeader = make_dataclass(
-    "InHeader", [(f, int, field(default=0)) for f in LAYOUT["fuse_in_header"].fields], slots=True
-)
-InHeader.__module__ = __name__
-InHeader.__doc__ = "struct fuse_in_header (padding dropped)."
-
 # The longest name we look for a NUL in (PATH_MAX, for symlink targets): bounds
 # the copy made to search, whatever the frame size.
 _NAME_MAX_SCAN = 4096 + 1
 
+# The default of a memoryview field (tests and clients build messages by keyword).
+_EMPTY = memoryview(b"")
 
-def _tail_fields(tail: str) -> list[tuple[str, type]]:
-    if tail == "name":
-        return [("name", bytes)]
-    if tail.startswith("names:"):
-        return [("name", bytes), (tail.split(":")[1], bytes)]
-    if tail == "xattr":
-        return [("name", bytes), ("value", memoryview)]
-    if tail.startswith("data:"):
-        return [("data", memoryview)]
-    if tail in ("forgets", "mappings"):
-        return [(tail, list)]
-    return []
+
+@dataclass(slots=True)
+class InHeader:
+    """struct fuse_in_header (padding dropped).
+
+    A separate object because op structs reuse its names (fuse_setattr_in.uid,
+    fuse_interrupt_in.unique): `req.h.unique`, `req.h.nodeid`, `req.h.uid`...
+    """
+
+    len: int = 0
+    opcode: int = 0
+    unique: int = 0
+    nodeid: int = 0
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    total_extlen: int = 0
 
 
 class Request:
@@ -458,39 +457,643 @@ class Request:
     opcode, then the op's struct fields and trailing names/data by fuse.h name."""
 
     __slots__ = ()
-    opcode: int = 0
+    opcode: ClassVar[int] = 0
+    h: InHeader
 
 
-def _message_class(opcode: int, name: str, layout: str | None, tail: str) -> type:
-    fields: list[Any] = [("h", InHeader)]
-    if layout is not None:
-        fields += [(f, int) for f in LAYOUT[layout].fields]
-    fields += _tail_fields(tail)
-    # Tests and clients build messages by keyword; default everything to zero.
-    with_defaults = []
-    for fname, ftype in fields:
-        if ftype is InHeader:
-            with_defaults.append((fname, ftype, field(default_factory=InHeader)))
-        elif ftype is int:
-            with_defaults.append((fname, ftype, field(default=0)))
-        elif ftype is bytes:
-            with_defaults.append((fname, ftype, field(default=b"")))
-        elif ftype is memoryview:
-            with_defaults.append((fname, ftype, field(default=memoryview(b""))))
-        else:
-            with_defaults.append((fname, ftype, field(default_factory=list)))
-    cls = make_dataclass(
-        name, with_defaults, bases=(Request,), slots=True, namespace={"opcode": opcode}
+# One slotted dataclass per opcode, written out so that type checkers and IDEs
+# see them. Fields are in wire order: `decode` builds a message positionally
+# from (header, the fixed struct's values, the trailing part) as REQUESTS and
+# LAYOUTS describe it, and `message_mismatches` (run at import) checks that
+# every class agrees with them. Every field defaults to zero/empty.
+
+
+@dataclass(slots=True)
+class Lookup(Request):
+    """FUSE_LOOKUP (1): the name."""
+
+    opcode = FUSE_LOOKUP
+    h: InHeader = field(default_factory=InHeader)
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Forget(Request):
+    """FUSE_FORGET (2): fuse_forget_in."""
+
+    opcode = FUSE_FORGET
+    h: InHeader = field(default_factory=InHeader)
+    nlookup: int = 0
+
+
+@dataclass(slots=True)
+class Getattr(Request):
+    """FUSE_GETATTR (3): fuse_getattr_in."""
+
+    opcode = FUSE_GETATTR
+    h: InHeader = field(default_factory=InHeader)
+    getattr_flags: int = 0
+    fh: int = 0
+
+
+@dataclass(slots=True)
+class Setattr(Request):
+    """FUSE_SETATTR (4): fuse_setattr_in."""
+
+    opcode = FUSE_SETATTR
+    h: InHeader = field(default_factory=InHeader)
+    valid: int = 0
+    fh: int = 0
+    size: int = 0
+    lock_owner: int = 0
+    atime: int = 0
+    mtime: int = 0
+    ctime: int = 0
+    atimensec: int = 0
+    mtimensec: int = 0
+    ctimensec: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(slots=True)
+class Readlink(Request):
+    """FUSE_READLINK (5)."""
+
+    opcode = FUSE_READLINK
+    h: InHeader = field(default_factory=InHeader)
+
+
+@dataclass(slots=True)
+class Symlink(Request):
+    """FUSE_SYMLINK (6): the name and the target."""
+
+    opcode = FUSE_SYMLINK
+    h: InHeader = field(default_factory=InHeader)
+    name: bytes = b""
+    target: bytes = b""
+
+
+@dataclass(slots=True)
+class Mknod(Request):
+    """FUSE_MKNOD (8): fuse_mknod_in, then the name."""
+
+    opcode = FUSE_MKNOD
+    h: InHeader = field(default_factory=InHeader)
+    mode: int = 0
+    rdev: int = 0
+    umask: int = 0
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Mkdir(Request):
+    """FUSE_MKDIR (9): fuse_mkdir_in, then the name."""
+
+    opcode = FUSE_MKDIR
+    h: InHeader = field(default_factory=InHeader)
+    mode: int = 0
+    umask: int = 0
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Unlink(Request):
+    """FUSE_UNLINK (10): the name."""
+
+    opcode = FUSE_UNLINK
+    h: InHeader = field(default_factory=InHeader)
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Rmdir(Request):
+    """FUSE_RMDIR (11): the name."""
+
+    opcode = FUSE_RMDIR
+    h: InHeader = field(default_factory=InHeader)
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Rename(Request):
+    """FUSE_RENAME (12): fuse_rename_in, then the name and the newname."""
+
+    opcode = FUSE_RENAME
+    h: InHeader = field(default_factory=InHeader)
+    newdir: int = 0
+    name: bytes = b""
+    newname: bytes = b""
+
+
+@dataclass(slots=True)
+class Link(Request):
+    """FUSE_LINK (13): fuse_link_in, then the name."""
+
+    opcode = FUSE_LINK
+    h: InHeader = field(default_factory=InHeader)
+    oldnodeid: int = 0
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Open(Request):
+    """FUSE_OPEN (14): fuse_open_in."""
+
+    opcode = FUSE_OPEN
+    h: InHeader = field(default_factory=InHeader)
+    flags: int = 0
+    open_flags: int = 0
+
+
+@dataclass(slots=True)
+class Read(Request):
+    """FUSE_READ (15): fuse_read_in."""
+
+    opcode = FUSE_READ
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    offset: int = 0
+    size: int = 0
+    read_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class Write(Request):
+    """FUSE_WRITE (16): fuse_write_in, then size bytes of data."""
+
+    opcode = FUSE_WRITE
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    offset: int = 0
+    size: int = 0
+    write_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+    data: memoryview = _EMPTY
+
+
+@dataclass(slots=True)
+class Statfs(Request):
+    """FUSE_STATFS (17)."""
+
+    opcode = FUSE_STATFS
+    h: InHeader = field(default_factory=InHeader)
+
+
+@dataclass(slots=True)
+class Release(Request):
+    """FUSE_RELEASE (18): fuse_release_in."""
+
+    opcode = FUSE_RELEASE
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    flags: int = 0
+    release_flags: int = 0
+    lock_owner: int = 0
+
+
+@dataclass(slots=True)
+class Fsync(Request):
+    """FUSE_FSYNC (20): fuse_fsync_in."""
+
+    opcode = FUSE_FSYNC
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    fsync_flags: int = 0
+
+
+@dataclass(slots=True)
+class Setxattr(Request):
+    """FUSE_SETXATTR (21): fuse_setxattr_in, then the name and the value."""
+
+    opcode = FUSE_SETXATTR
+    h: InHeader = field(default_factory=InHeader)
+    size: int = 0
+    flags: int = 0
+    setxattr_flags: int = 0
+    name: bytes = b""
+    value: memoryview = _EMPTY
+
+
+@dataclass(slots=True)
+class Getxattr(Request):
+    """FUSE_GETXATTR (22): fuse_getxattr_in, then the name."""
+
+    opcode = FUSE_GETXATTR
+    h: InHeader = field(default_factory=InHeader)
+    size: int = 0
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Listxattr(Request):
+    """FUSE_LISTXATTR (23): fuse_getxattr_in."""
+
+    opcode = FUSE_LISTXATTR
+    h: InHeader = field(default_factory=InHeader)
+    size: int = 0
+
+
+@dataclass(slots=True)
+class Removexattr(Request):
+    """FUSE_REMOVEXATTR (24): the name."""
+
+    opcode = FUSE_REMOVEXATTR
+    h: InHeader = field(default_factory=InHeader)
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Flush(Request):
+    """FUSE_FLUSH (25): fuse_flush_in."""
+
+    opcode = FUSE_FLUSH
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    lock_owner: int = 0
+
+
+@dataclass(slots=True)
+class Init(Request):
+    """FUSE_INIT (26): fuse_init_in."""
+
+    opcode = FUSE_INIT
+    h: InHeader = field(default_factory=InHeader)
+    major: int = 0
+    minor: int = 0
+    max_readahead: int = 0
+    flags: int = 0
+    flags2: int = 0
+
+
+@dataclass(slots=True)
+class Opendir(Request):
+    """FUSE_OPENDIR (27): fuse_open_in."""
+
+    opcode = FUSE_OPENDIR
+    h: InHeader = field(default_factory=InHeader)
+    flags: int = 0
+    open_flags: int = 0
+
+
+@dataclass(slots=True)
+class Readdir(Request):
+    """FUSE_READDIR (28): fuse_read_in."""
+
+    opcode = FUSE_READDIR
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    offset: int = 0
+    size: int = 0
+    read_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class Releasedir(Request):
+    """FUSE_RELEASEDIR (29): fuse_release_in."""
+
+    opcode = FUSE_RELEASEDIR
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    flags: int = 0
+    release_flags: int = 0
+    lock_owner: int = 0
+
+
+@dataclass(slots=True)
+class Fsyncdir(Request):
+    """FUSE_FSYNCDIR (30): fuse_fsync_in."""
+
+    opcode = FUSE_FSYNCDIR
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    fsync_flags: int = 0
+
+
+@dataclass(slots=True)
+class Getlk(Request):
+    """FUSE_GETLK (31): fuse_lk_in."""
+
+    opcode = FUSE_GETLK
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    owner: int = 0
+    lk_start: int = 0
+    lk_end: int = 0
+    lk_type: int = 0
+    lk_pid: int = 0
+    lk_flags: int = 0
+
+
+@dataclass(slots=True)
+class Setlk(Request):
+    """FUSE_SETLK (32): fuse_lk_in."""
+
+    opcode = FUSE_SETLK
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    owner: int = 0
+    lk_start: int = 0
+    lk_end: int = 0
+    lk_type: int = 0
+    lk_pid: int = 0
+    lk_flags: int = 0
+
+
+@dataclass(slots=True)
+class Setlkw(Request):
+    """FUSE_SETLKW (33): fuse_lk_in."""
+
+    opcode = FUSE_SETLKW
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    owner: int = 0
+    lk_start: int = 0
+    lk_end: int = 0
+    lk_type: int = 0
+    lk_pid: int = 0
+    lk_flags: int = 0
+
+
+@dataclass(slots=True)
+class Access(Request):
+    """FUSE_ACCESS (34): fuse_access_in."""
+
+    opcode = FUSE_ACCESS
+    h: InHeader = field(default_factory=InHeader)
+    mask: int = 0
+
+
+@dataclass(slots=True)
+class Create(Request):
+    """FUSE_CREATE (35): fuse_create_in, then the name."""
+
+    opcode = FUSE_CREATE
+    h: InHeader = field(default_factory=InHeader)
+    flags: int = 0
+    mode: int = 0
+    umask: int = 0
+    open_flags: int = 0
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Interrupt(Request):
+    """FUSE_INTERRUPT (36): fuse_interrupt_in."""
+
+    opcode = FUSE_INTERRUPT
+    h: InHeader = field(default_factory=InHeader)
+    unique: int = 0
+
+
+@dataclass(slots=True)
+class Bmap(Request):
+    """FUSE_BMAP (37): fuse_bmap_in."""
+
+    opcode = FUSE_BMAP
+    h: InHeader = field(default_factory=InHeader)
+    block: int = 0
+    blocksize: int = 0
+
+
+@dataclass(slots=True)
+class Destroy(Request):
+    """FUSE_DESTROY (38)."""
+
+    opcode = FUSE_DESTROY
+    h: InHeader = field(default_factory=InHeader)
+
+
+@dataclass(slots=True)
+class Ioctl(Request):
+    """FUSE_IOCTL (39): fuse_ioctl_in, then in_size bytes of data."""
+
+    opcode = FUSE_IOCTL
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    flags: int = 0
+    cmd: int = 0
+    arg: int = 0
+    in_size: int = 0
+    out_size: int = 0
+    data: memoryview = _EMPTY
+
+
+@dataclass(slots=True)
+class Poll(Request):
+    """FUSE_POLL (40): fuse_poll_in."""
+
+    opcode = FUSE_POLL
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    kh: int = 0
+    flags: int = 0
+    events: int = 0
+
+
+@dataclass(slots=True)
+class NotifyReply(Request):
+    """FUSE_NOTIFY_REPLY (41): fuse_notify_retrieve_in, then size bytes of data."""
+
+    opcode = FUSE_NOTIFY_REPLY
+    h: InHeader = field(default_factory=InHeader)
+    offset: int = 0
+    size: int = 0
+    data: memoryview = _EMPTY
+
+
+@dataclass(slots=True)
+class BatchForget(Request):
+    """FUSE_BATCH_FORGET (42): fuse_batch_forget_in, then (nodeid, nlookup) pairs."""
+
+    opcode = FUSE_BATCH_FORGET
+    h: InHeader = field(default_factory=InHeader)
+    count: int = 0
+    forgets: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Fallocate(Request):
+    """FUSE_FALLOCATE (43): fuse_fallocate_in."""
+
+    opcode = FUSE_FALLOCATE
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    offset: int = 0
+    length: int = 0
+    mode: int = 0
+
+
+@dataclass(slots=True)
+class Readdirplus(Request):
+    """FUSE_READDIRPLUS (44): fuse_read_in."""
+
+    opcode = FUSE_READDIRPLUS
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    offset: int = 0
+    size: int = 0
+    read_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class Rename2(Request):
+    """FUSE_RENAME2 (45): fuse_rename2_in, then the name and the newname."""
+
+    opcode = FUSE_RENAME2
+    h: InHeader = field(default_factory=InHeader)
+    newdir: int = 0
+    flags: int = 0
+    name: bytes = b""
+    newname: bytes = b""
+
+
+@dataclass(slots=True)
+class Lseek(Request):
+    """FUSE_LSEEK (46): fuse_lseek_in."""
+
+    opcode = FUSE_LSEEK
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    offset: int = 0
+    whence: int = 0
+
+
+@dataclass(slots=True)
+class CopyFileRange(Request):
+    """FUSE_COPY_FILE_RANGE (47): fuse_copy_file_range_in."""
+
+    opcode = FUSE_COPY_FILE_RANGE
+    h: InHeader = field(default_factory=InHeader)
+    fh_in: int = 0
+    off_in: int = 0
+    nodeid_out: int = 0
+    fh_out: int = 0
+    off_out: int = 0
+    len: int = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class Setupmapping(Request):
+    """FUSE_SETUPMAPPING (48): fuse_setupmapping_in."""
+
+    opcode = FUSE_SETUPMAPPING
+    h: InHeader = field(default_factory=InHeader)
+    fh: int = 0
+    foffset: int = 0
+    len: int = 0
+    flags: int = 0
+    moffset: int = 0
+
+
+@dataclass(slots=True)
+class Removemapping(Request):
+    """FUSE_REMOVEMAPPING (49): fuse_removemapping_in, then (moffset, len) ranges."""
+
+    opcode = FUSE_REMOVEMAPPING
+    h: InHeader = field(default_factory=InHeader)
+    count: int = 0
+    mappings: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Syncfs(Request):
+    """FUSE_SYNCFS (50): fuse_syncfs_in."""
+
+    opcode = FUSE_SYNCFS
+    h: InHeader = field(default_factory=InHeader)
+
+
+@dataclass(slots=True)
+class Tmpfile(Request):
+    """FUSE_TMPFILE (51): fuse_create_in, then the name."""
+
+    opcode = FUSE_TMPFILE
+    h: InHeader = field(default_factory=InHeader)
+    flags: int = 0
+    mode: int = 0
+    umask: int = 0
+    open_flags: int = 0
+    name: bytes = b""
+
+
+@dataclass(slots=True)
+class Statx(Request):
+    """FUSE_STATX (52): fuse_statx_in."""
+
+    opcode = FUSE_STATX
+    h: InHeader = field(default_factory=InHeader)
+    getattr_flags: int = 0
+    fh: int = 0
+    sx_flags: int = 0
+    sx_mask: int = 0
+
+
+MESSAGES: dict[int, type[Request]] = {
+    cls.opcode: cls
+    for cls in (
+        Lookup, Forget, Getattr, Setattr, Readlink, Symlink, Mknod, Mkdir, Unlink, Rmdir,
+        Rename, Link, Open, Read, Write, Statfs, Release, Fsync, Setxattr, Getxattr, Listxattr,
+        Removexattr, Flush, Init, Opendir, Readdir, Releasedir, Fsyncdir, Getlk, Setlk, Setlkw,
+        Access, Create, Interrupt, Bmap, Destroy, Ioctl, Poll, NotifyReply, BatchForget,
+        Fallocate, Readdirplus, Rename2, Lseek, CopyFileRange, Setupmapping, Removemapping,
+        Syncfs, Tmpfile, Statx,
     )
-    cls.__module__ = __name__
-    cls.__doc__ = f"FUSE opcode {opcode} ({OPCODE_NAMES[opcode]}); fields as in fuse.h."
-    return cls
+}  # fmt: skip
 
 
-MESSAGES: dict[int, type] = {}
-for _op, (_name, _layout, _tail) in REQUESTS.items():
-    MESSAGES[_op] = globals()[_name] = _message_class(_op, _name, _layout, _tail)
-del _op, _name, _layout, _tail
+def _tail_fields(tail: str) -> list[tuple[str, str]]:
+    """(name, annotation) of the fields a trailing part decodes into."""
+    if tail == "name":
+        return [("name", "bytes")]
+    if tail.startswith("names:"):
+        return [("name", "bytes"), (tail.split(":")[1], "bytes")]
+    if tail == "xattr":
+        return [("name", "bytes"), ("value", "memoryview")]
+    if tail.startswith("data:"):
+        return [("data", "memoryview")]
+    if tail in ("forgets", "mappings"):
+        return [(tail, "list[tuple[int, int]]")]
+    return []
+
+
+def message_mismatches() -> list[str]:
+    """Where the written-out message classes disagree with REQUESTS and LAYOUTS
+    (empty when they agree): each opcode needs its class, named as in REQUESTS,
+    with the fields decode fills, in wire order and of the right type."""
+    bad = []
+    if set(MESSAGES) != set(REQUESTS):
+        bad.append(f"opcodes without a class: {sorted(set(REQUESTS) ^ set(MESSAGES))}")
+    for op, (name, layout, tail) in REQUESTS.items():
+        cls = MESSAGES.get(op)
+        if cls is None:
+            continue
+        want = [("h", "InHeader")]
+        want += [(f, "int") for f in LAYOUT[layout].fields] if layout else []
+        want += _tail_fields(tail)
+        got: list[tuple[str, str]] = []
+        if is_dataclass(cls):
+            got = [(f.name, str(f.type)) for f in _fields(cls)]
+        if cls.__name__ != name or got != want:
+            bad.append(f"{OPCODE_NAMES[op]}: {cls.__name__} {got}, want {name} {want}")
+    want_h = [(f, "int") for f in LAYOUT["fuse_in_header"].fields]
+    if [(f.name, str(f.type)) for f in _fields(InHeader)] != want_h:
+        bad.append("InHeader does not match fuse_in_header")
+    return bad
+
+
+if message_mismatches():
+    raise ImportError("FUSE message classes disagree with the layouts: "
+                      + "; ".join(message_mismatches()))  # fmt: skip
 
 
 class _Decoder:
@@ -498,13 +1101,19 @@ class _Decoder:
 
     __slots__ = ("opcode", "cls", "unpack", "size", "min_size", "tail", "count_at", "zeros")
 
-    def __init__(self, opcode: int, cls: type, layout: str | None, tail: str, zeros: int = 0):
+    def __init__(
+        self, opcode: int, cls: type[Request], layout: str | None, tail: str, zeros: int = 0
+    ):
         self.opcode = opcode
-        self.cls = cls
+        # Called positionally with the header, the struct's values and the tail
+        # (message_mismatches checks the classes' field order).
+        self.cls: Callable[..., Request] = cls
         # A compat struct with fewer fields than the message: the rest are 0.
-        self.zeros = (0,) * zeros
+        self.zeros: tuple[int, ...] = (0,) * zeros
         lay = LAYOUT[layout] if layout else None
-        self.unpack = lay.struct.unpack_from if lay else None
+        self.unpack: Callable[..., tuple[Any, ...]] | None = (
+            lay.struct.unpack_from if lay else None
+        )
         self.size = lay.size if lay else 0
         # INIT from kernels < 7.36 carries only the first four words.
         self.min_size = 16 if opcode == FUSE_INIT else self.size
@@ -573,7 +1182,7 @@ def decode(frame: bytes | bytearray | memoryview, *, setxattr_ext: bool = False)
     if end < pos:
         raise ProtocolError(_errno.EINVAL, "extensions longer than the frame", unique, opcode)
     h = InHeader(*hv)
-    values: tuple = ()
+    values: tuple[Any, ...] = ()
     if dec.unpack is not None:
         have = end - pos
         if have < dec.min_size:
@@ -618,26 +1227,26 @@ def encode_request(msg: Request, *, setxattr_ext: bool = False, extlen: int = 0)
     For tests, fuzzing and any in-process client. `extlen` appends that many
     8-byte units of (zero) extension.
     """
-    name, layout, tail = REQUESTS[msg.opcode]
+    _, layout, tail = REQUESTS[msg.opcode]
     if msg.opcode == FUSE_SETXATTR and not setxattr_ext:
         layout = "fuse_setxattr_in_compat"
     parts: list[bytes] = []
     if layout is not None:
         lay = LAYOUT[layout]
         parts.append(lay.struct.pack(*(getattr(msg, f) for f in lay.fields)))
-        if msg.opcode == FUSE_INIT and msg.minor < 36:
+        if isinstance(msg, Init) and msg.minor < 36:
             parts[-1] = parts[-1][:16]
-    if tail == "name":
-        parts.append(msg.name + b"\0")
-    elif tail.startswith("names:"):
-        parts += [msg.name + b"\0", getattr(msg, tail.split(":")[1]) + b"\0"]
+    # The trailing fields, by the names the table gives them.
+    values = [getattr(msg, f) for f, _ in _tail_fields(tail)]
+    if tail == "name" or tail.startswith("names:"):
+        parts += [v + b"\0" for v in values]
     elif tail == "xattr":
-        parts += [msg.name + b"\0", bytes(msg.value)]
+        parts += [values[0] + b"\0", bytes(values[1])]
     elif tail.startswith("data:"):
-        parts.append(bytes(msg.data))
+        parts.append(bytes(values[0]))
     elif tail in ("forgets", "mappings"):
         one = _FORGET_ONE if tail == "forgets" else _MAPPING_ONE
-        parts += [one.pack(*item) for item in getattr(msg, tail)]
+        parts += [one.pack(*item) for item in values[0]]
     parts.append(bytes(8 * extlen))
     body = b"".join(parts)
     h = msg.h
@@ -652,7 +1261,8 @@ def encode_request(msg: Request, *, setxattr_ext: bool = False, extlen: int = 0)
 # A reply is a list of buffers for writev: the fuse_out_header packed together
 # with the fixed-size part, then bulk data as given.
 
-Iov = list  # list of bytes-like
+Buffer: TypeAlias = bytes | bytearray | memoryview
+Iov: TypeAlias = list[Buffer]  # the buffers of one reply or notification, for writev
 
 
 def _out_struct(*layouts: str) -> struct.Struct:
@@ -707,7 +1317,7 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return got
 
 
-def _entry_values(e: Entry) -> tuple:
+def _entry_values(e: Entry) -> tuple[int, ...]:
     ev, evn = split_timeout(e.entry_valid)
     av, avn = split_timeout(e.attr_valid)
     return (e.nodeid, e.generation, ev, av, evn, avn) + _attr_values(e.attr)

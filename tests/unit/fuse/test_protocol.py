@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import subprocess
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -149,6 +150,39 @@ def test_decode_every_opcode(opcode):
     assert got.h.len == len(frame)
     msg.h.opcode, msg.h.len = opcode, len(frame)
     assert _comparable(got) == _comparable(msg)
+
+
+def test_every_opcode_has_a_written_out_message_class():
+    """Each opcode the decoder knows has its class written out in protocol.py (a
+    module attribute a type checker sees, not one made at import), with the
+    fields decode fills in wire order."""
+    assert set(P.MESSAGES) == set(P.REQUESTS) == set(P._DECODERS)
+    for opcode, (name, _, _) in P.REQUESTS.items():
+        cls = P.MESSAGES[opcode]
+        assert getattr(P, name) is cls and cls.__name__ == name
+        assert cls.__module__ == P.__name__ and cls.opcode == opcode
+        assert issubclass(cls, P.Request) and hasattr(cls, "__slots__")
+        assert f"class {name}(Request):" in _PROTOCOL_SOURCE
+    assert P.message_mismatches() == []
+
+
+_PROTOCOL_SOURCE = open(P.__file__).read()
+
+
+def test_message_check_notices_a_drifted_class(monkeypatch):
+    """A class whose fields no longer follow its layout is caught (at import)."""
+
+    @dataclass(slots=True)
+    class Read(P.Request):  # fuse_read_in with two fields swapped
+        opcode = P.FUSE_READ
+        h: P.InHeader = field(default_factory=P.InHeader)
+        offset: int = 0
+        fh: int = 0
+
+    monkeypatch.setitem(P.MESSAGES, P.FUSE_READ, Read)
+    assert [m.split(":")[0] for m in P.message_mismatches()] == ["FUSE_READ"]
+    monkeypatch.delitem(P.MESSAGES, P.FUSE_LOOKUP)
+    assert any("without a class" in m for m in P.message_mismatches())
 
 
 def _frame(opcode: int, body: bytes, unique: int = 9, nodeid: int = 1, extlen: int = 0) -> bytes:
