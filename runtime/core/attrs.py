@@ -137,6 +137,28 @@ class RequestContext:
 
 
 @dataclass(frozen=True, slots=True)
+class SetattrArgs:
+    """What a SETATTR may change (built from fuse_setattr_in by the dispatcher).
+
+    `valid` holds the FATTR_* bits of core.abi: only the fields it names count
+    (FATTR_FH: change through the open file `fh`; FATTR_ATIME_NOW /
+    FATTR_MTIME_NOW: set that time to now; FATTR_KILL_SUIDGID: drop suid/sgid).
+    Times are seconds and nanoseconds since the epoch.
+    """
+
+    valid: int
+    fh: int = 0
+    size: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    atime: int = 0
+    atimensec: int = 0
+    mtime: int = 0
+    mtimensec: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class XattrReply:
     """A GETXATTR or LISTXATTR answer.
 

@@ -32,22 +32,33 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
 from types import ModuleType
-from typing import Any
+from typing import TypeAlias, TypedDict, TypeVar, cast
 
 from actorfs.runtime.core import eager
 from actorfs.runtime.core.abi import MAX_TRANSFER
-from actorfs.runtime.core.attrs import Attr, Entry, RequestContext, XattrReply
+from actorfs.runtime.core.attrs import (
+    Attr,
+    Entry,
+    Opened,
+    RequestContext,
+    SetattrArgs,
+    XattrReply,
+)
 from actorfs.runtime.core.errno_map import FsError, linux_errno_of
 from actorfs.runtime.fuse import protocol as P
-from actorfs.runtime.fuse.stats import Stats
+from actorfs.runtime.fuse.operations import DaxOperations, Operations
+from actorfs.runtime.fuse.stats import Stats, StatsSnapshot
 from actorfs.runtime.host import backing_fs
-from actorfs.runtime.ops.filesystem import passthrough_plan
+from actorfs.runtime.ops.filesystem import Filesystem, passthrough_plan
 
 log = logging.getLogger("actorfs.dispatcher")
 
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
-Send = Callable[[list], Awaitable[None] | None]
+# Hands one reply's buffers to the transport (may be a coroutine function).
+Send: TypeAlias = Callable[[P.Iov], Awaitable[None] | None]
+# A request message -> its reply's buffers (None: the op gets no reply).
+Handler: TypeAlias = Callable[[P.Request], Awaitable[P.Iov | None]]
 
 MAX_WRITE = MAX_TRANSFER  # 1 MiB: INIT's max_write, and the largest READ
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -156,7 +167,7 @@ class _Flight:
 
     def __init__(self, opcode: int):
         self.opcode = opcode
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
         self.started = False
         self.interrupted = False
         self.signalled = False  # an INTERRUPT came: abandoned if still running later
@@ -196,9 +207,37 @@ class NegotiatedInit:
         return self.has(P.FUSE_SETXATTR_EXT)
 
 
+class InitStats(TypedDict):
+    """What FUSE_INIT agreed on, in Dispatcher.stats()."""
+
+    minor: int
+    kernel_minor: int
+    flags: int
+    passthrough: bool
+    passthrough_reason: str
+    writeback: bool
+    max_write: int
+
+
+class DispatcherStats(StatsSnapshot):
+    """Dispatcher.stats(): the per-op counters and the session's state."""
+
+    in_flight: int
+    max_in_flight: int
+    protocol_errors: int
+    interrupts: int
+    send_errors: int
+    init: InitStats | None  # None before FUSE_INIT (and after DESTROY)
+
+
 def root_stack_depth(root: str) -> int:
     """s_stack_depth of the filesystem holding `root` (0, or 1 on overlayfs)."""
     return backing_fs.stack_depth(root)
+
+
+# An op layer that provides nothing (its module could not be imported): the
+# dispatcher then has no handlers for it and replies ENOSYS.
+_NO_OPS = ModuleType("actorfs.runtime.fuse.no_ops")
 
 
 def _load(name: str) -> ModuleType | None:
@@ -210,17 +249,30 @@ def _load(name: str) -> ModuleType | None:
         return None
 
 
+R = TypeVar("R", bound=P.Request)
+
+
+def _entry(
+    cls: type[R], handler: Callable[[R], Awaitable[P.Iov | None]], layer: object, *names: str
+) -> tuple[int, Handler, object, tuple[str, ...]]:
+    """A handler table row: the opcode of `cls`, its handler, and the op layer
+    functions (in `layer`) it needs."""
+    # decode() builds a `cls` for cls.opcode, and handlers are looked up by the
+    # decoded opcode: this handler only ever receives a `cls`.
+    return cls.opcode, cast(Handler, handler), layer, names
+
+
 class Dispatcher:
     """Serves one FUSE session. See docs/ARCHITECTURE.md for the contract."""
 
     def __init__(
         self,
-        fs: Any,
+        fs: Filesystem,
         transport: str = "fuse",
         max_in_flight: int = 256,
         *,
-        ops: Any = None,
-        ops_dax: Any = None,
+        ops: Operations | None = None,
+        ops_dax: DaxOperations | None = None,
     ):
         if transport not in ("fuse", "virtiofs"):
             raise ValueError(f"unknown transport {transport!r}: use 'fuse' or 'virtiofs'")
@@ -231,9 +283,14 @@ class Dispatcher:
         if transport == "virtiofs":
             fs.host_callers = False  # guest pids name no host process (runtime/ops/creds.py)
         self.max_in_flight = max_in_flight
-        # The op layer; tests may pass their own namespace.
-        self.ops = ops if ops is not None else _load("actorfs.runtime.ops.ops")
-        self.ops_dax = ops_dax if ops_dax is not None else _load("actorfs.runtime.dax.ops")
+        # The op layer; tests may pass their own namespace, with only some of the
+        # ops (the others get ENOSYS). One that cannot be imported provides none.
+        if ops is None:
+            ops = _load("actorfs.runtime.ops.ops") or _NO_OPS
+        if ops_dax is None:
+            ops_dax = _load("actorfs.runtime.dax.ops") or _NO_OPS
+        self.ops: Operations = ops
+        self.ops_dax: DaxOperations = ops_dax
         self.passthrough_reason = ""  # why passthrough is on or off (set at INIT)
         self.init: NegotiatedInit | None = None
         self.destroyed = asyncio.Event()
@@ -261,19 +318,19 @@ class Dispatcher:
             self.protocol_errors += 1
             self._stats.record(STAT_INVALID, perf_counter_ns() - t0, True)
             log.debug("bad frame: %s", exc)
-            if not exc.no_reply:
+            if not exc.no_reply and exc.unique is not None:
                 await self._send(send, P.reply_error(exc.unique, exc.errno))
             return
         opcode = req.opcode
         unique = req.h.unique
         # Handled inline, without a slot: an INTERRUPT must get through even
         # when every slot is held by the requests it is meant to interrupt.
-        if opcode == P.FUSE_INTERRUPT:
+        if isinstance(req, P.Interrupt):
             self._interrupt(req.unique)
             self._stats.record(opcode, perf_counter_ns() - t0, False)
             return
         if self.init is None or opcode == P.FUSE_INIT:
-            if opcode == P.FUSE_INIT and self.init is None:
+            if isinstance(req, P.Init) and self.init is None:
                 try:
                     iov = self._negotiate(req)
                 except Exception:  # a broken config must not kill the transport
@@ -363,30 +420,30 @@ class Dispatcher:
     def writeback(self) -> bool:
         return self.init is not None and self.init.writeback
 
-    def stats(self) -> dict:
+    def stats(self) -> DispatcherStats:
         snap = self._stats.snapshot(self._op_name)
-        snap.update(
+        return DispatcherStats(
+            **snap,
             in_flight=self._in_flight,
             max_in_flight=self.max_in_flight,
             protocol_errors=self.protocol_errors,
             interrupts=self.interrupts,
             send_errors=self.send_errors,
-            init=None if self.init is None else {
-                "minor": self.init.minor,
-                "kernel_minor": self.init.kernel_minor,
-                "flags": self.init.flags,
-                "passthrough": self.init.passthrough,
-                "passthrough_reason": self.passthrough_reason,
-                "writeback": self.init.writeback,
-                "max_write": self.init.max_write,
-            },
+            init=None if self.init is None else InitStats(
+                minor=self.init.minor,
+                kernel_minor=self.init.kernel_minor,
+                flags=self.init.flags,
+                passthrough=self.init.passthrough,
+                passthrough_reason=self.passthrough_reason,
+                writeback=self.init.writeback,
+                max_write=self.init.max_write,
+            ),
         )  # fmt: skip
-        return snap
 
     # -- running one request -----------------------------------------------------
 
     async def _run(
-        self, handler: Callable, req: P.Request, send: Send, t0: int, flight: _Flight
+        self, handler: Handler, req: P.Request, send: Send, t0: int, flight: _Flight
     ) -> None:
         unique = req.h.unique
         flight.started = True
@@ -423,10 +480,11 @@ class Dispatcher:
             await self._send(send, iov)
 
     async def _made_room(self, opcode: int) -> bool:
-        inodes = getattr(self.fs, "inodes", None)
-        if opcode not in RETRY_AFTER_EVICTION or not hasattr(inodes, "make_room"):
+        inodes = getattr(self.fs, "inodes", None)  # a test's stand-in may have none
+        if opcode not in RETRY_AFTER_EVICTION or inodes is None or not hasattr(inodes, "make_room"):
             return False
-        return await inodes.make_room() > 0
+        evicted: int = await inodes.make_room()
+        return evicted > 0
 
     def _finished(self, unique: int, flight: _Flight) -> None:
         if self._tasks.get(unique) is flight:
@@ -436,7 +494,7 @@ class Dispatcher:
             self._idle.set()
         self._slots.release()
 
-    async def _send(self, send: Send, iov: list) -> None:
+    async def _send(self, send: Send, iov: P.Iov) -> None:
         try:
             r = send(iov)
             if r is not None and inspect.isawaitable(r):
@@ -493,7 +551,7 @@ class Dispatcher:
 
     # -- INIT -----------------------------------------------------------------
 
-    def _negotiate(self, r: P.Request) -> list:
+    def _negotiate(self, r: P.Init) -> P.Iov:
         unique = r.h.unique
         if r.major > P.FUSE_KERNEL_VERSION:
             # Tell the kernel our major; it retries INIT with it (or gives up).
@@ -521,7 +579,7 @@ class Dispatcher:
             want |= P.FUSE_PASSTHROUGH
         if self.transport == "virtiofs" and getattr(self.fs, "dax", None) is not None:
             want |= P.FUSE_MAP_ALIGNMENT
-        if self.ops is None or not hasattr(self.ops, "readdirplus"):
+        if not hasattr(self.ops, "readdirplus"):
             want &= ~(P.FUSE_DO_READDIRPLUS | P.FUSE_READDIRPLUS_AUTO)
         if getattr(self.ops, "LOOKUP_DOT_DOTDOT", False):
             # NFS export / open_by_handle_at: the kernel looks up "." and "..".
@@ -586,52 +644,52 @@ class Dispatcher:
 
     # -- op handlers: request message -> reply buffers -----------------------------
 
-    def _build_handlers(self) -> dict[int, Callable]:
+    def _build_handlers(self) -> dict[int, Handler]:
         """opcode -> handler, for the ops the op layer actually provides."""
-        table: dict[int, tuple[Callable, Any, tuple[str, ...]]] = {
-            P.FUSE_LOOKUP: (self._lookup, self.ops, ("lookup",)),
-            P.FUSE_FORGET: (self._forget, self.ops, ("forget",)),
-            P.FUSE_BATCH_FORGET: (self._batch_forget, self.ops, ("batch_forget",)),
-            P.FUSE_GETATTR: (self._getattr, self.ops, ("getattr",)),
-            P.FUSE_SETATTR: (self._setattr, self.ops, ("setattr",)),
-            P.FUSE_READLINK: (self._readlink, self.ops, ("readlink",)),
-            P.FUSE_SYMLINK: (self._symlink, self.ops, ("symlink",)),
-            P.FUSE_MKNOD: (self._mknod, self.ops, ("mknod",)),
-            P.FUSE_MKDIR: (self._mkdir, self.ops, ("mkdir",)),
-            P.FUSE_UNLINK: (self._unlink, self.ops, ("unlink",)),
-            P.FUSE_RMDIR: (self._rmdir, self.ops, ("rmdir",)),
-            P.FUSE_RENAME: (self._rename, self.ops, ("rename",)),
-            P.FUSE_RENAME2: (self._rename, self.ops, ("rename",)),
-            P.FUSE_LINK: (self._link, self.ops, ("link",)),
-            P.FUSE_OPEN: (self._open, self.ops, ("open",)),
-            P.FUSE_READ: (self._read, self.ops, ("read",)),
-            P.FUSE_WRITE: (self._write, self.ops, ("write",)),
-            P.FUSE_STATFS: (self._statfs, self.ops, ("statfs",)),
-            P.FUSE_RELEASE: (self._release, self.ops, ("release",)),
-            P.FUSE_FSYNC: (self._fsync, self.ops, ("fsync",)),
-            P.FUSE_SETXATTR: (self._setxattr, self.ops, ("setxattr",)),
-            P.FUSE_GETXATTR: (self._getxattr, self.ops, ("getxattr",)),
-            P.FUSE_LISTXATTR: (self._listxattr, self.ops, ("listxattr",)),
-            P.FUSE_REMOVEXATTR: (self._removexattr, self.ops, ("removexattr",)),
-            P.FUSE_FLUSH: (self._flush, self.ops, ("flush",)),
-            P.FUSE_OPENDIR: (self._opendir, self.ops, ("opendir",)),
-            P.FUSE_READDIR: (self._readdir, self.ops, ("readdir",)),
-            P.FUSE_READDIRPLUS: (self._readdirplus, self.ops, ("readdirplus", "forget")),
-            P.FUSE_RELEASEDIR: (self._releasedir, self.ops, ("releasedir",)),
-            P.FUSE_FSYNCDIR: (self._fsyncdir, self.ops, ("fsyncdir",)),
-            P.FUSE_ACCESS: (self._access, self.ops, ("access",)),
-            P.FUSE_CREATE: (self._create, self.ops, ("create",)),
-            P.FUSE_FALLOCATE: (self._fallocate, self.ops, ("fallocate",)),
-            P.FUSE_LSEEK: (self._lseek, self.ops, ("lseek",)),
-            P.FUSE_COPY_FILE_RANGE: (self._copy_file_range, self.ops, ("copy_file_range",)),
-            P.FUSE_SETUPMAPPING: (self._setupmapping, self.ops_dax, ("setupmapping",)),
-            P.FUSE_REMOVEMAPPING: (self._removemapping, self.ops_dax, ("removemapping",)),
-        }
+        table = [
+            _entry(P.Lookup, self._lookup, self.ops, "lookup"),
+            _entry(P.Forget, self._forget, self.ops, "forget"),
+            _entry(P.BatchForget, self._batch_forget, self.ops, "batch_forget"),
+            _entry(P.Getattr, self._getattr, self.ops, "getattr"),
+            _entry(P.Setattr, self._setattr, self.ops, "setattr"),
+            _entry(P.Readlink, self._readlink, self.ops, "readlink"),
+            _entry(P.Symlink, self._symlink, self.ops, "symlink"),
+            _entry(P.Mknod, self._mknod, self.ops, "mknod"),
+            _entry(P.Mkdir, self._mkdir, self.ops, "mkdir"),
+            _entry(P.Unlink, self._unlink, self.ops, "unlink"),
+            _entry(P.Rmdir, self._rmdir, self.ops, "rmdir"),
+            _entry(P.Rename, self._rename, self.ops, "rename"),
+            _entry(P.Rename2, self._rename, self.ops, "rename"),
+            _entry(P.Link, self._link, self.ops, "link"),
+            _entry(P.Open, self._open, self.ops, "open"),
+            _entry(P.Read, self._read, self.ops, "read"),
+            _entry(P.Write, self._write, self.ops, "write"),
+            _entry(P.Statfs, self._statfs, self.ops, "statfs"),
+            _entry(P.Release, self._release, self.ops, "release"),
+            _entry(P.Fsync, self._fsync, self.ops, "fsync"),
+            _entry(P.Setxattr, self._setxattr, self.ops, "setxattr"),
+            _entry(P.Getxattr, self._getxattr, self.ops, "getxattr"),
+            _entry(P.Listxattr, self._listxattr, self.ops, "listxattr"),
+            _entry(P.Removexattr, self._removexattr, self.ops, "removexattr"),
+            _entry(P.Flush, self._flush, self.ops, "flush"),
+            _entry(P.Opendir, self._opendir, self.ops, "opendir"),
+            _entry(P.Readdir, self._readdir, self.ops, "readdir"),
+            _entry(P.Readdirplus, self._readdirplus, self.ops, "readdirplus", "forget"),
+            _entry(P.Releasedir, self._releasedir, self.ops, "releasedir"),
+            _entry(P.Fsyncdir, self._fsyncdir, self.ops, "fsyncdir"),
+            _entry(P.Access, self._access, self.ops, "access"),
+            _entry(P.Create, self._create, self.ops, "create"),
+            _entry(P.Fallocate, self._fallocate, self.ops, "fallocate"),
+            _entry(P.Lseek, self._lseek, self.ops, "lseek"),
+            _entry(P.CopyFileRange, self._copy_file_range, self.ops, "copy_file_range"),
+            _entry(P.Setupmapping, self._setupmapping, self.ops_dax, "setupmapping"),
+            _entry(P.Removemapping, self._removemapping, self.ops_dax, "removemapping"),
+        ]
         handlers = {}
-        for opcode, (handler, module, names) in table.items():
+        for opcode, handler, layer, names in table:
             if opcode in ENOSYS_OPCODES:
                 continue
-            if module is not None and all(callable(getattr(module, n, None)) for n in names):
+            if all(callable(getattr(layer, n, None)) for n in names):
                 handlers[opcode] = handler
         return handlers
 
@@ -646,7 +704,7 @@ class Dispatcher:
             return "INVALID"
         return P.OPCODE_NAMES.get(opcode, str(opcode)).removeprefix("FUSE_")
 
-    def _opened(self, opened: Any) -> Any:
+    def _opened(self, opened: Opened) -> Opened:
         # Never hand the kernel a passthrough open it did not agree to.
         if opened.open_flags & P.FOPEN_PASSTHROUGH and not self.passthrough:
             return dataclasses.replace(
@@ -654,7 +712,7 @@ class Dispatcher:
             )
         return opened
 
-    async def _lookup(self, r: Any) -> list:
+    async def _lookup(self, r: P.Lookup) -> P.Iov:
         try:
             e = await self.ops.lookup(self.fs, self._ctx(r), r.h.nodeid, r.name)
         except (FsError, OSError) as exc:
@@ -668,156 +726,163 @@ class Dispatcher:
             e = Entry(0, 0, _NO_ATTR, timeout, 0.0)
         return P.reply_entry(r.h.unique, e)
 
-    async def _forget(self, r: Any) -> None:
+    async def _forget(self, r: P.Forget) -> None:
         await self.ops.forget(self.fs, r.h.nodeid, r.nlookup)
 
-    async def _batch_forget(self, r: Any) -> None:
+    async def _batch_forget(self, r: P.BatchForget) -> None:
         await self.ops.batch_forget(self.fs, r.forgets)
 
-    async def _getattr(self, r: Any) -> list:
+    async def _getattr(self, r: P.Getattr) -> P.Iov:
         fh = r.fh if r.getattr_flags & P.FUSE_GETATTR_FH else None
         attr = await self.ops.getattr(self.fs, self._ctx(r), r.h.nodeid, fh)
         return P.reply_attr(r.h.unique, attr, self.fs.config.attr_timeout)
 
-    async def _setattr(self, r: Any) -> list:
-        attr = await self.ops.setattr(self.fs, self._ctx(r), r.h.nodeid, r)
+    async def _setattr(self, r: P.Setattr) -> P.Iov:
+        # What may change, not the wire struct (lock_owner, ctime are not ours).
+        s = SetattrArgs(
+            r.valid, fh=r.fh, size=r.size, mode=r.mode, uid=r.uid, gid=r.gid, atime=r.atime,
+            atimensec=r.atimensec, mtime=r.mtime, mtimensec=r.mtimensec,
+        )  # fmt: skip
+        attr = await self.ops.setattr(self.fs, self._ctx(r), r.h.nodeid, s)
         return P.reply_attr(r.h.unique, attr, self.fs.config.attr_timeout)
 
-    async def _readlink(self, r: Any) -> list:
+    async def _readlink(self, r: P.Readlink) -> P.Iov:
         return P.reply_data(r.h.unique, await self.ops.readlink(self.fs, self._ctx(r), r.h.nodeid))
 
-    async def _symlink(self, r: Any) -> list:
+    async def _symlink(self, r: P.Symlink) -> P.Iov:
         e = await self.ops.symlink(self.fs, self._ctx(r), r.h.nodeid, r.name, r.target)
         return P.reply_entry(r.h.unique, e)
 
-    async def _mknod(self, r: Any) -> list:
+    async def _mknod(self, r: P.Mknod) -> P.Iov:
         e = await self.ops.mknod(self.fs, self._ctx(r), r.h.nodeid, r.name, r.mode, r.rdev, r.umask)
         return P.reply_entry(r.h.unique, e)
 
-    async def _mkdir(self, r: Any) -> list:
+    async def _mkdir(self, r: P.Mkdir) -> P.Iov:
         e = await self.ops.mkdir(self.fs, self._ctx(r), r.h.nodeid, r.name, r.mode, r.umask)
         return P.reply_entry(r.h.unique, e)
 
-    async def _unlink(self, r: Any) -> list:
+    async def _unlink(self, r: P.Unlink) -> P.Iov:
         await self.ops.unlink(self.fs, self._ctx(r), r.h.nodeid, r.name)
         return P.reply_empty(r.h.unique)
 
-    async def _rmdir(self, r: Any) -> list:
+    async def _rmdir(self, r: P.Rmdir) -> P.Iov:
         await self.ops.rmdir(self.fs, self._ctx(r), r.h.nodeid, r.name)
         return P.reply_empty(r.h.unique)
 
-    async def _rename(self, r: Any) -> list:
-        flags = getattr(r, "flags", 0)  # RENAME2 only
+    async def _rename(self, r: P.Rename | P.Rename2) -> P.Iov:
+        flags = r.flags if isinstance(r, P.Rename2) else 0  # RENAME2 only
         await self.ops.rename(self.fs, self._ctx(r), r.h.nodeid, r.name, r.newdir, r.newname, flags)
         return P.reply_empty(r.h.unique)
 
-    async def _link(self, r: Any) -> list:
+    async def _link(self, r: P.Link) -> P.Iov:
         e = await self.ops.link(self.fs, self._ctx(r), r.oldnodeid, r.h.nodeid, r.name)
         return P.reply_entry(r.h.unique, e)
 
-    async def _open(self, r: Any) -> list:
+    async def _open(self, r: P.Open) -> P.Iov:
         # open_flags only when set: FUSE_OPEN_KILL_SUIDGID (HANDLE_KILLPRIV_V2).
         kw = {"open_flags": r.open_flags} if r.open_flags else {}
         opened = await self.ops.open(self.fs, self._ctx(r), r.h.nodeid, r.flags, **kw)
         return P.reply_open(r.h.unique, self._opened(opened))
 
-    async def _read(self, r: Any) -> list:
-        data = await self.ops.read(self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.size)
+    async def _read(self, r: P.Read) -> P.Iov:
+        data: P.Buffer = await self.ops.read(
+            self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.size
+        )
         if len(data) > r.size:  # the kernel rejects a reply longer than asked
             data = memoryview(data)[: r.size]
         return P.reply_data(r.h.unique, data)
 
-    async def _write(self, r: Any) -> list:
+    async def _write(self, r: P.Write) -> P.Iov:
         n = await self.ops.write(
             self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.data, r.write_flags
         )
         return P.reply_write(r.h.unique, n)
 
-    async def _statfs(self, r: Any) -> list:
+    async def _statfs(self, r: P.Statfs) -> P.Iov:
         return P.reply_statfs(r.h.unique, await self.ops.statfs(self.fs, self._ctx(r), r.h.nodeid))
 
-    async def _release(self, r: Any) -> list:
+    async def _release(self, r: P.Release) -> P.Iov:
         await self.ops.release(self.fs, self._ctx(r), r.h.nodeid, r.fh, r.flags)
         return P.reply_empty(r.h.unique)
 
-    async def _fsync(self, r: Any) -> list:
+    async def _fsync(self, r: P.Fsync) -> P.Iov:
         datasync = bool(r.fsync_flags & P.FUSE_FSYNC_FDATASYNC)
         await self.ops.fsync(self.fs, self._ctx(r), r.h.nodeid, r.fh, datasync)
         return P.reply_empty(r.h.unique)
 
-    async def _setxattr(self, r: Any) -> list:
+    async def _setxattr(self, r: P.Setxattr) -> P.Iov:
         await self.ops.setxattr(self.fs, self._ctx(r), r.h.nodeid, r.name, bytes(r.value), r.flags)
         return P.reply_empty(r.h.unique)
 
-    def _xattr_reply(self, r: Any, res: XattrReply) -> list:
+    def _xattr_reply(self, r: P.Getxattr | P.Listxattr, res: XattrReply) -> P.Iov:
         # The size rule (size 0 probes, ERANGE) is the op layer's: see ops._sized.
         if res.value is None:
             return P.reply_xattr_size(r.h.unique, res.size)
         return P.reply_data(r.h.unique, res.value)
 
-    async def _getxattr(self, r: Any) -> list:
+    async def _getxattr(self, r: P.Getxattr) -> P.Iov:
         res = await self.ops.getxattr(self.fs, self._ctx(r), r.h.nodeid, r.name, r.size)
         return self._xattr_reply(r, res)
 
-    async def _listxattr(self, r: Any) -> list:
+    async def _listxattr(self, r: P.Listxattr) -> P.Iov:
         res = await self.ops.listxattr(self.fs, self._ctx(r), r.h.nodeid, r.size)
         return self._xattr_reply(r, res)
 
-    async def _removexattr(self, r: Any) -> list:
+    async def _removexattr(self, r: P.Removexattr) -> P.Iov:
         await self.ops.removexattr(self.fs, self._ctx(r), r.h.nodeid, r.name)
         return P.reply_empty(r.h.unique)
 
-    async def _flush(self, r: Any) -> list:
+    async def _flush(self, r: P.Flush) -> P.Iov:
         await self.ops.flush(self.fs, self._ctx(r), r.h.nodeid, r.fh)
         return P.reply_empty(r.h.unique)
 
-    async def _opendir(self, r: Any) -> list:
+    async def _opendir(self, r: P.Opendir) -> P.Iov:
         opened = await self.ops.opendir(self.fs, self._ctx(r), r.h.nodeid, r.flags)
         return P.reply_open(r.h.unique, self._opened(opened))
 
     # The op layer fills exactly one reply buffer of r.size bytes (and counts a
     # lookup only for a READDIRPLUS entry it returns): the policy lives there.
-    async def _readdir(self, r: Any) -> list:
+    async def _readdir(self, r: P.Readdir) -> P.Iov:
         entries = await self.ops.readdir(self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.size)
         return P.reply_readdir(r.h.unique, entries)
 
-    async def _readdirplus(self, r: Any) -> list:
+    async def _readdirplus(self, r: P.Readdirplus) -> P.Iov:
         entries = await self.ops.readdirplus(
             self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.size
         )
         return P.reply_readdirplus(r.h.unique, entries)
 
-    async def _releasedir(self, r: Any) -> list:
+    async def _releasedir(self, r: P.Releasedir) -> P.Iov:
         await self.ops.releasedir(self.fs, self._ctx(r), r.h.nodeid, r.fh)
         return P.reply_empty(r.h.unique)
 
-    async def _fsyncdir(self, r: Any) -> list:
+    async def _fsyncdir(self, r: P.Fsyncdir) -> P.Iov:
         datasync = bool(r.fsync_flags & P.FUSE_FSYNC_FDATASYNC)
         await self.ops.fsyncdir(self.fs, self._ctx(r), r.h.nodeid, r.fh, datasync)
         return P.reply_empty(r.h.unique)
 
-    async def _access(self, r: Any) -> list:
+    async def _access(self, r: P.Access) -> P.Iov:
         await self.ops.access(self.fs, self._ctx(r), r.h.nodeid, r.mask)
         return P.reply_empty(r.h.unique)
 
-    async def _create(self, r: Any) -> list:
+    async def _create(self, r: P.Create) -> P.Iov:
         kw = {"open_flags": r.open_flags} if r.open_flags else {}
         entry, opened = await self.ops.create(
             self.fs, self._ctx(r), r.h.nodeid, r.name, r.mode, r.flags, r.umask, **kw
         )
         return P.reply_create(r.h.unique, entry, self._opened(opened))
 
-    async def _fallocate(self, r: Any) -> list:
+    async def _fallocate(self, r: P.Fallocate) -> P.Iov:
         await self.ops.fallocate(
             self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.length, r.mode
         )
         return P.reply_empty(r.h.unique)
 
-    async def _lseek(self, r: Any) -> list:
+    async def _lseek(self, r: P.Lseek) -> P.Iov:
         off = await self.ops.lseek(self.fs, self._ctx(r), r.h.nodeid, r.fh, r.offset, r.whence)
         return P.reply_lseek(r.h.unique, off)
 
-    async def _copy_file_range(self, r: Any) -> list:
+    async def _copy_file_range(self, r: P.CopyFileRange) -> P.Iov:
         n = await self.ops.copy_file_range(
             self.fs, self._ctx(r), r.h.nodeid, r.fh_in, r.off_in, r.nodeid_out, r.fh_out,
             r.off_out, r.len, r.flags,
@@ -825,7 +890,7 @@ class Dispatcher:
         # fuse_write_out.size is 32 bits; the kernel asks again for the rest.
         return P.reply_write(r.h.unique, min(n, 0xFFFFFFFF))
 
-    async def _setupmapping(self, r: Any) -> list:
+    async def _setupmapping(self, r: P.Setupmapping) -> P.Iov:
         if getattr(self.fs, "dax", None) is None:
             raise FsError(errno.ENOSYS)
         await self.ops_dax.setupmapping(
@@ -833,12 +898,12 @@ class Dispatcher:
         )
         return P.reply_empty(r.h.unique)
 
-    async def _removemapping(self, r: Any) -> list:
+    async def _removemapping(self, r: P.Removemapping) -> P.Iov:
         if getattr(self.fs, "dax", None) is None:
             raise FsError(errno.ENOSYS)
         await self.ops_dax.removemapping(self.fs, self._ctx(r), r.mappings)
         return P.reply_empty(r.h.unique)
 
 
-def _is_err(iov: list) -> bool:
+def _is_err(iov: P.Iov) -> bool:
     return P.parse_out_header(iov[0])[1] != 0

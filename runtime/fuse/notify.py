@@ -62,7 +62,7 @@ class NullNotifier:
         return False
 
 
-Write = Callable[[list], Awaitable[bool | None] | bool | None]
+Write = Callable[[P.Iov], Awaitable[bool | None] | bool | None]
 
 
 class WriterNotifier:
@@ -80,7 +80,7 @@ class WriterNotifier:
         self.delivered = 0
         self.undelivered = 0
 
-    async def _deliver(self, iov: list) -> bool:
+    async def _deliver(self, iov: P.Iov) -> bool:
         if self._enabled is not None and not self._enabled():
             self.undelivered += 1
             return False

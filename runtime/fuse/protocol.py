@@ -85,26 +85,26 @@ FUSE_REQUEST_TIMEOUT = 1 << 42
 FILESYSTEM_MAX_STACK_DEPTH = 2
 
 # The ABI values other layers share are defined once, in actorfs.runtime.core.abi.
-from actorfs.runtime.core.abi import (  # noqa: E402, F401 (re-exported for protocol users)
-    FOPEN_CACHE_DIR,
-    FOPEN_DIRECT_IO,
-    FOPEN_KEEP_CACHE,
-    FOPEN_NOFLUSH,
-    FOPEN_NONSEEKABLE,
-    FOPEN_PARALLEL_DIRECT_WRITES,
-    FOPEN_PASSTHROUGH,
-    FOPEN_STREAM,
-    FUSE_OPEN_KILL_SUIDGID,
-    FUSE_ROOT_ID,
-    FUSE_SETUPMAPPING_FLAG_READ,
-    FUSE_SETUPMAPPING_FLAG_WRITE,
-    FUSE_WRITE_KILL_SUIDGID,
-    IN_HEADER_SIZE,
-    OUT_HEADER_SIZE,
-    HeaderPeek,
-    dirent_size,
-    direntplus_size,
-    peek_header,
+from actorfs.runtime.core.abi import (  # noqa: E402, I001 (re-exported: "X as X" says so to type checkers)
+    FOPEN_CACHE_DIR as FOPEN_CACHE_DIR,
+    FOPEN_DIRECT_IO as FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE as FOPEN_KEEP_CACHE,
+    FOPEN_NOFLUSH as FOPEN_NOFLUSH,
+    FOPEN_NONSEEKABLE as FOPEN_NONSEEKABLE,
+    FOPEN_PARALLEL_DIRECT_WRITES as FOPEN_PARALLEL_DIRECT_WRITES,
+    FOPEN_PASSTHROUGH as FOPEN_PASSTHROUGH,
+    FOPEN_STREAM as FOPEN_STREAM,
+    FUSE_OPEN_KILL_SUIDGID as FUSE_OPEN_KILL_SUIDGID,
+    FUSE_ROOT_ID as FUSE_ROOT_ID,
+    FUSE_SETUPMAPPING_FLAG_READ as FUSE_SETUPMAPPING_FLAG_READ,
+    FUSE_SETUPMAPPING_FLAG_WRITE as FUSE_SETUPMAPPING_FLAG_WRITE,
+    FUSE_WRITE_KILL_SUIDGID as FUSE_WRITE_KILL_SUIDGID,
+    IN_HEADER_SIZE as IN_HEADER_SIZE,
+    OUT_HEADER_SIZE as OUT_HEADER_SIZE,
+    HeaderPeek as HeaderPeek,
+    dirent_size as dirent_size,
+    direntplus_size as direntplus_size,
+    peek_header as peek_header,
 )
 
 FUSE_GETATTR_FH = 1 << 0
@@ -1486,6 +1486,6 @@ def iov_bytes(iov: Sequence[bytes | bytearray | memoryview]) -> bytes:
     return b"".join(bytes(b) for b in iov)
 
 
-def parse_out_header(buf: bytes | memoryview) -> tuple[int, int, int]:
+def parse_out_header(buf: Buffer) -> tuple[int, int, int]:
     """(len, error, unique) of a reply or notification."""
     return _OUT_HEADER.unpack_from(buf)

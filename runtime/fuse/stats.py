@@ -10,6 +10,7 @@ within a factor of two, which is what a profile needs to spot a regression.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 NBUCKETS = 40  # 2**39 us is about six days: anything slower is clamped
 
@@ -36,6 +37,26 @@ class OpStats:
         return 1 << (NBUCKETS - 1)
 
 
+class OpSnapshot(TypedDict):
+    """One op's counters; latencies in microseconds (bucket upper bounds)."""
+
+    count: int
+    errors: int
+    mean_us: int
+    sum_us: int
+    p50_us: int
+    p99_us: int
+    histogram_us: dict[int, int]  # only the buckets in use: {upper bound in us: count}
+
+
+class StatsSnapshot(TypedDict):
+    """Stats.snapshot(): totals, and each op by name."""
+
+    total: int
+    errors: int
+    ops: dict[str, OpSnapshot]
+
+
 class Stats:
     """Counters keyed by opcode; `snapshot()` names them for humans."""
 
@@ -53,20 +74,19 @@ class Stats:
         b = (elapsed_ns // 1000).bit_length()
         s.buckets[b if b < NBUCKETS else NBUCKETS - 1] += 1
 
-    def snapshot(self, name_of: Callable[[int], str]) -> dict:
-        ops = {}
+    def snapshot(self, name_of: Callable[[int], str]) -> StatsSnapshot:
+        ops: dict[str, OpSnapshot] = {}
         total = errors = 0
         for opcode, s in sorted(self.ops.items()):
             total += s.count
             errors += s.errors
-            ops[name_of(opcode)] = {
-                "count": s.count,
-                "errors": s.errors,
-                "mean_us": s.total_ns // s.count // 1000 if s.count else 0,
-                "sum_us": s.total_ns // 1000,
-                "p50_us": s.percentile_us(0.5),
-                "p99_us": s.percentile_us(0.99),
-                # Only the buckets in use: {upper bound in us: count}.
-                "histogram_us": {1 << b: n for b, n in enumerate(s.buckets) if n},
-            }
-        return {"total": total, "errors": errors, "ops": ops}
+            ops[name_of(opcode)] = OpSnapshot(
+                count=s.count,
+                errors=s.errors,
+                mean_us=s.total_ns // s.count // 1000 if s.count else 0,
+                sum_us=s.total_ns // 1000,
+                p50_us=s.percentile_us(0.5),
+                p99_us=s.percentile_us(0.99),
+                histogram_us={1 << b: n for b, n in enumerate(s.buckets) if n},
+            )
+        return StatsSnapshot(total=total, errors=errors, ops=ops)

@@ -52,6 +52,7 @@ from actorfs.runtime.core.attrs import (
     Entry,
     Opened,
     RequestContext,
+    SetattrArgs,
     StatFs,
     XattrReply,
 )
@@ -450,7 +451,7 @@ async def getattr(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int | No
     return Attr.from_stat(st.st_ino, st)
 
 
-async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s) -> Attr:
+async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s: SetattrArgs) -> Attr:
     _ro(fs)
     ifd, kind = await fs.inodes.dup_fd(nodeid)
     fds: tuple[int, ...]

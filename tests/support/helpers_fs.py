@@ -30,17 +30,6 @@ async def running(root, **kw):
         yield fs
 
 
-class SetattrIn:
-    """The fuse_setattr_in fields the setattr op reads."""
-
-    def __init__(self, valid, **kw):
-        self.valid = valid
-        self.fh = kw.get("fh", 0)
-        for f in ("size", "atime", "mtime", "ctime", "atimensec", "mtimensec", "ctimensec",
-                  "mode", "uid", "gid"):  # fmt: skip
-            setattr(self, f, kw.get(f, 0))
-
-
 async def errno_of(coro) -> int:
     """Await an op that must fail; its Linux errno."""
     from actorfs.runtime.core.errno_map import linux_errno_of
@@ -52,4 +41,4 @@ async def errno_of(coro) -> int:
     raise AssertionError("op succeeded but an error was expected")
 
 
-__all__ = ["CTX", "ROOT", "SetattrIn", "errno_of", "ops", "running"]
+__all__ = ["CTX", "ROOT", "errno_of", "ops", "running"]

@@ -21,10 +21,10 @@ import threading
 import pytest
 
 from actorfs.runtime.core.abi import FATTR_MODE
-from actorfs.runtime.core.attrs import RequestContext
+from actorfs.runtime.core.attrs import RequestContext, SetattrArgs
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.ops import creds
-from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running
+from tests.support.helpers_fs import CTX, ROOT, errno_of, ops, running
 from tests.support.mount_util import env
 
 pytestmark = pytest.mark.skipif(
@@ -244,7 +244,7 @@ async def test_changes_by_a_host_user_are_decided_by_the_host_kernel(tmp_path):
         assert await errno_of(ops.unlink(fs, WHO, ROOT, b"secret")) == errno.EPERM
         assert await errno_of(ops.rename(fs, WHO, ROOT, b"secret", ROOT, b"mine")) == errno.EPERM
         assert (
-            await errno_of(ops.setattr(fs, WHO, e.nodeid, SetattrIn(FATTR_MODE, mode=0o666)))
+            await errno_of(ops.setattr(fs, WHO, e.nodeid, SetattrArgs(FATTR_MODE, mode=0o666)))
             == errno.EPERM
         )
         assert await errno_of(ops.open(fs, WHO, e.nodeid, os.O_RDONLY)) == errno.EACCES
@@ -255,7 +255,7 @@ async def test_changes_by_a_host_user_are_decided_by_the_host_kernel(tmp_path):
         # The same requester on its own file: allowed.
         f, o = await ops.create(fs, WHO, ROOT, b"own", 0o600, os.O_RDWR)
         await ops.release(fs, WHO, f.nodeid, o.fh)
-        a = await ops.setattr(fs, WHO, f.nodeid, SetattrIn(FATTR_MODE, mode=0o640))
+        a = await ops.setattr(fs, WHO, f.nodeid, SetattrArgs(FATTR_MODE, mode=0o640))
         assert stat.S_IMODE(a.mode) == 0o640
         await ops.rename(fs, WHO, ROOT, b"own", ROOT, b"own2")
         await ops.unlink(fs, WHO, ROOT, b"own2")

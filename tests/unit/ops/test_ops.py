@@ -17,9 +17,9 @@ from actorfs.runtime.core.abi import (
     FOPEN_KEEP_CACHE,
     direntplus_size,
 )
-from actorfs.runtime.core.attrs import RequestContext, XattrReply
+from actorfs.runtime.core.attrs import RequestContext, SetattrArgs, XattrReply
 from actorfs.runtime.host.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
-from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running
+from tests.support.helpers_fs import CTX, ROOT, errno_of, ops, running
 
 # Each test runs with syscalls in the pool and inline (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("syscall_mode")
@@ -366,9 +366,9 @@ async def test_setattr_never_follows_symlinks_and_now_forms(tmp_path):
     os.symlink("target", tmp_path / "sym")
     async with running(tmp_path) as fs:
         s = await ops.lookup(fs, CTX, ROOT, b"sym")
-        a = await ops.setattr(fs, CTX, s.nodeid, SetattrIn(FATTR_ATIME_NOW | FATTR_MTIME_NOW))
+        a = await ops.setattr(fs, CTX, s.nodeid, SetattrArgs(FATTR_ATIME_NOW | FATTR_MTIME_NOW))
         assert stat.S_ISLNK(a.mode) and a.mtime > 1000
-        assert await errno_of(ops.setattr(fs, CTX, s.nodeid, SetattrIn(1, mode=0o600))) == errno.EOPNOTSUPP
+        assert await errno_of(ops.setattr(fs, CTX, s.nodeid, SetattrArgs(1, mode=0o600))) == errno.EOPNOTSUPP
     assert os.stat(tmp_path / "target").st_mtime == 1000
     assert os.stat(tmp_path / "target").st_mode & 0o777 == 0o644
 
@@ -389,7 +389,7 @@ async def test_root_server_gives_new_objects_to_the_requester(tmp_path):
         os.chmod(tmp_path / "d", 0o2775)
         g = await ops.mkdir(fs, who, d.nodeid, b"g", 0o755)
         assert (g.attr.uid, g.attr.gid) == (1234, 777)
-        a = await ops.setattr(fs, CTX, f.nodeid, SetattrIn(FATTR_UID | FATTR_GID, uid=5, gid=6))
+        a = await ops.setattr(fs, CTX, f.nodeid, SetattrArgs(FATTR_UID | FATTR_GID, uid=5, gid=6))
         assert (a.uid, a.gid) == (5, 6)
     st = os.lstat(tmp_path / "s")
     assert (st.st_uid, st.st_gid) == (1234, 2345)

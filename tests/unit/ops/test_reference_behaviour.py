@@ -10,10 +10,10 @@ import stat
 import pytest
 
 from actorfs.runtime.core.abi import FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
-from actorfs.runtime.core.attrs import DT_DIR, DT_REG
+from actorfs.runtime.core.attrs import DT_DIR, DT_REG, SetattrArgs
 from actorfs.runtime.core.errno_map import FsError, linux_errno_of
 from actorfs.runtime.ops.snapshot import SnapshotError, SnapshotTruncated, restore, snapshot
-from tests.support.helpers_fs import CTX, ROOT, SetattrIn, errno_of, ops, running
+from tests.support.helpers_fs import CTX, ROOT, errno_of, ops, running
 
 # Each test runs with syscalls in the pool and inline (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("syscall_mode")
@@ -217,7 +217,7 @@ async def test_setattr_chmod(tmp_path):
     os.chmod(tmp_path / "f", 0o644)
     async with running(tmp_path) as fs:
         e = await ops.lookup(fs, CTX, ROOT, b"f")
-        a = await ops.setattr(fs, CTX, e.nodeid, SetattrIn(FATTR_MODE, mode=0o600))
+        a = await ops.setattr(fs, CTX, e.nodeid, SetattrArgs(FATTR_MODE, mode=0o600))
         assert a.mode & 0o7777 == 0o600
     assert os.stat(tmp_path / "f").st_mode & 0o7777 == 0o600
 
@@ -226,7 +226,7 @@ async def test_setattr_truncate(tmp_path):
     (tmp_path / "f").write_bytes(b"x" * 100)
     async with running(tmp_path) as fs:
         e = await ops.lookup(fs, CTX, ROOT, b"f")
-        a = await ops.setattr(fs, CTX, e.nodeid, SetattrIn(FATTR_SIZE, size=10))
+        a = await ops.setattr(fs, CTX, e.nodeid, SetattrArgs(FATTR_SIZE, size=10))
         assert a.size == 10
     assert os.path.getsize(tmp_path / "f") == 10
 
@@ -236,9 +236,9 @@ async def test_setattr_truncate_via_fh(tmp_path):
     async with running(tmp_path) as fs:
         e = await ops.lookup(fs, CTX, ROOT, b"f")
         o = await ops.open(fs, CTX, e.nodeid, os.O_RDWR)
-        a = await ops.setattr(fs, CTX, e.nodeid, SetattrIn(FATTR_SIZE | FATTR_FH, size=64, fh=o.fh))
+        a = await ops.setattr(fs, CTX, e.nodeid, SetattrArgs(FATTR_SIZE | FATTR_FH, size=64, fh=o.fh))
         assert a.size == 64
-        bad = SetattrIn(FATTR_SIZE | FATTR_FH, size=1, fh=999_999)
+        bad = SetattrArgs(FATTR_SIZE | FATTR_FH, size=1, fh=999_999)
         assert await errno_of(ops.setattr(fs, CTX, e.nodeid, bad)) == errno.EBADF
     assert os.path.getsize(tmp_path / "f") == 64
 
@@ -247,7 +247,7 @@ async def test_setattr_utimens(tmp_path):
     (tmp_path / "f").write_text("x")
     async with running(tmp_path) as fs:
         e = await ops.lookup(fs, CTX, ROOT, b"f")
-        a = await ops.setattr(fs, CTX, e.nodeid, SetattrIn(FATTR_MTIME, mtime=1_600_000_000))
+        a = await ops.setattr(fs, CTX, e.nodeid, SetattrArgs(FATTR_MTIME, mtime=1_600_000_000))
         assert a.mtime == 1_600_000_000
     assert int(os.stat(tmp_path / "f").st_mtime) == 1_600_000_000
 
