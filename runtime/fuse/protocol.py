@@ -1221,6 +1221,22 @@ def decode(frame: bytes | bytearray | memoryview, *, setxattr_ext: bool = False)
     return dec.cls(h, *values, items)
 
 
+# The trailing part's field names, by kind (as REQUESTS gives them).
+_TAIL_NAMES: dict[str, tuple[str, ...]] = {
+    tail: tuple(f for f, _ in _tail_fields(tail)) for _, _, tail in REQUESTS.values()
+}
+
+
+def _encode_tail(tail: str, values: list[Any]) -> list[bytes]:
+    """An xattr's name and value, a payload, or the forget / mapping records."""
+    if tail == "xattr":
+        return [values[0] + b"\0", bytes(values[1])]
+    if tail.startswith("data:"):
+        return [bytes(values[0])]
+    one = _FORGET_ONE if tail == "forgets" else _MAPPING_ONE
+    return [one.pack(*item) for item in values[0]]
+
+
 def encode_request(msg: Request, *, setxattr_ext: bool = False, extlen: int = 0) -> bytes:
     """The frame the kernel would send for `msg` (inverse of `decode`).
 
@@ -1236,17 +1252,15 @@ def encode_request(msg: Request, *, setxattr_ext: bool = False, extlen: int = 0)
         parts.append(lay.struct.pack(*(getattr(msg, f) for f in lay.fields)))
         if isinstance(msg, Init) and msg.minor < 36:
             parts[-1] = parts[-1][:16]
-    # The trailing fields, by the names the table gives them.
-    values = [getattr(msg, f) for f, _ in _tail_fields(tail)]
-    if tail == "name" or tail.startswith("names:"):
-        parts += [v + b"\0" for v in values]
-    elif tail == "xattr":
-        parts += [values[0] + b"\0", bytes(values[1])]
-    elif tail.startswith("data:"):
-        parts.append(bytes(values[0]))
-    elif tail in ("forgets", "mappings"):
-        one = _FORGET_ONE if tail == "forgets" else _MAPPING_ONE
-        parts += [one.pack(*item) for item in values[0]]
+    if not tail:
+        pass
+    elif tail == "name":
+        parts.append(getattr(msg, _TAIL_NAMES[tail][0]) + b"\0")
+    elif tail.startswith("names:"):
+        parts += [getattr(msg, f) + b"\0" for f in _TAIL_NAMES[tail]]
+    else:
+        values = [getattr(msg, f) for f in _TAIL_NAMES[tail]]
+        parts += _encode_tail(tail, values)
     parts.append(bytes(8 * extlen))
     body = b"".join(parts)
     h = msg.h
