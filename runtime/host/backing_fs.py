@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Literal, get_args
 
-INLINE_MODES = ("auto", "always", "never")
+InlineMode = Literal["auto", "always", "never"]
+INLINE_MODES: tuple[InlineMode, ...] = get_args(InlineMode)
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6

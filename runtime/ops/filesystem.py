@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 from actorfs.actors.handles import HandleTable
 from actorfs.actors.inode_table import FdBudget, InodeTable
@@ -21,14 +21,22 @@ from actorfs.runtime.core.blocking_pool import BlockingPool
 from actorfs.runtime.core.supervisor import Supervisor
 from actorfs.runtime.host.backing_fs import (
     INLINE_MODES,
+    InlineMode,
     beneath,
     fstat_never_blocks,
     inline_syscalls,
 )
 
-SYMLINK_POLICIES = ("opaque", "follow", "deny")
-CACHE_MODES = ("never", "auto", "always")
-PASSTHROUGH_MODES = ("auto", "on", "off")
+# Each policy is a Literal (what a type checker sees) and the tuple of its values
+# (what __post_init__ and the command line check against), one from the other.
+SymlinkPolicy = Literal["opaque", "follow", "deny"]
+CacheMode = Literal["never", "auto", "always"]
+PassthroughMode = Literal["auto", "on", "off"]
+DaxMapper = Literal["inprocess", "channel"]
+SYMLINK_POLICIES: tuple[SymlinkPolicy, ...] = get_args(SymlinkPolicy)
+CACHE_MODES: tuple[CacheMode, ...] = get_args(CacheMode)
+PASSTHROUGH_MODES: tuple[PassthroughMode, ...] = get_args(PassthroughMode)
+DAX_MAPPERS: tuple[DaxMapper, ...] = get_args(DaxMapper)
 
 # entry/attr timeouts per cache mode (seconds). "always" relies on the watcher.
 _TIMEOUTS = {"never": 0.0, "auto": 1.0, "always": 86400.0}
@@ -53,13 +61,13 @@ class ConfigError(ValueError):
 @dataclass
 class FsConfig:
     root: str
-    symlinks: str = "opaque"
-    cache: str = "auto"
+    symlinks: SymlinkPolicy = "opaque"
+    cache: CacheMode = "auto"
     writeback: bool = False
     # FUSE passthrough (/dev/fuse only): "auto" (on when the kernel offers it,
     # we hold CAP_SYS_ADMIN and no other option excludes it: passthrough_plan),
     # "on" / True (whenever the kernel offers it), "off" / False.
-    passthrough: bool | str = "auto"
+    passthrough: bool | PassthroughMode = "auto"
     read_only: bool = False
     devices: bool = True  # mknod of character/block devices (but c 0 0, a whiteout)
     max_inodes: int = 1 << 20  # cap on inodes the client may know (EMFILE beyond)
@@ -76,7 +84,7 @@ class FsConfig:
     # "channel" sends SHMEM_MAP/UNMAP to an out-of-process hypervisor.
     dax_name: str | None = None
     dax_size: int = 0
-    dax_mapper: str = "inprocess"
+    dax_mapper: DaxMapper = "inprocess"
     dax_attach: bool = False  # attach an existing shm object instead of creating it
     # Watch host changes and invalidate the client's caches. None: only with
     # cache "always", the one mode whose long timeouts rely on it (with "auto"
@@ -86,7 +94,7 @@ class FsConfig:
     # Op syscalls on the event loop instead of the blocking pool: "auto" when
     # the root is memory-backed (nothing can wait for a disk), "always" (an
     # embedder that knows its root never blocks), "never". runtime/host/backing_fs.py.
-    inline: str = "auto"
+    inline: InlineMode = "auto"
     # FUSE passthrough's max_stack_depth answered in INIT; None: the root's own
     # stacking depth plus one (runtime/fuse/dispatcher.py).
     max_stack_depth: int | None = None
@@ -107,6 +115,10 @@ class FsConfig:
         if self.passthrough not in PASSTHROUGH_MODES:
             raise ConfigError(
                 f"unknown passthrough mode {self.passthrough!r}: use one of {', '.join(PASSTHROUGH_MODES)}"
+            )
+        if self.dax_mapper not in DAX_MAPPERS:
+            raise ConfigError(
+                f"unknown DAX mapper {self.dax_mapper!r}: use one of {', '.join(DAX_MAPPERS)}"
             )
         if self.inline not in INLINE_MODES:
             raise ConfigError(f"unknown inline mode {self.inline!r}: use one of {', '.join(INLINE_MODES)}")

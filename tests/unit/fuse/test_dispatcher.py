@@ -234,6 +234,15 @@ def test_passthrough_modes_in_config(tmp_path):
         FsConfig(root=str(tmp_path), passthrough="sometimes")
 
 
+@pytest.mark.parametrize("field, value", [("symlinks", "maybe"), ("cache", "sometimes"),
+                                          ("inline", "often"), ("dax_mapper", "elsewhere")])
+def test_every_policy_is_checked_against_its_literal(tmp_path, field, value):
+    """Each FsConfig policy is a Literal; a value outside it is a ConfigError naming
+    the allowed ones (dax_mapper used to accept anything)."""
+    with pytest.raises(ConfigError, match="use one of"):
+        FsConfig(root=str(tmp_path), **{field: value})  # type: ignore[arg-type]
+
+
 async def test_init_passthrough_configured_but_not_offered(tmp_path):
     async with Filesystem.running(FsConfig(root=str(tmp_path), passthrough=True)) as fs:
         w = Wire(Dispatcher(fs))
