@@ -10,6 +10,7 @@ with rich, in place like top; Ctrl-C quits.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import sys
 import time
@@ -131,6 +132,10 @@ def run_stats_view(target: str, *, interval: float = 1.0, once: bool = False) ->
     if once:
         console.print(render(cur, rows(None, cur, 0), target))
         return 0
+    # Ctrl-C quits, whatever SIGINT disposition we inherited: a shell without job
+    # control starts background commands with SIGINT ignored, and Python then
+    # leaves it ignored (the view would never exit).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     prev, t_prev = cur, time.monotonic()
     try:
         with Live(render(cur, rows(None, cur, 0), target), console=console,

@@ -319,9 +319,12 @@ def test_mount_notifies_systemd_and_stats_shows_live_figures(tmp_path):
         loader.start()
         # `actorfs stats MNT` in a terminal: the live figures, refreshed in place.
         master, slave = pty.openpty()
+        # Started with SIGINT ignored, as a shell without job control starts a
+        # background command: Ctrl-C must still quit it (it used to hang there).
         viewer = subprocess.Popen([*ACTORFS, "stats", str(mnt), "-n", "0.3"],
                                   env=env(TERM="xterm-256color", COLUMNS="120", LINES="40"),
-                                  stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+                                  stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         os.close(slave)
         out = bytearray()
         live = None
