@@ -59,10 +59,10 @@ class Mount:
     conn: int | None = None
 
 
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def _libc_handle():
+def _libc_handle() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

@@ -30,14 +30,22 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine, Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from actorfs.runtime.core.shield import shielded
 from actorfs.runtime.devfuse import mounting as fuse_mount
 from actorfs.runtime.devfuse.mounting import MountError
-from actorfs.runtime.devfuse.transport import DEFAULT_POLL_US, FuseTransport
-from actorfs.runtime.fuse.dispatcher import Dispatcher
+from actorfs.runtime.devfuse.transport import DEFAULT_POLL_US as DEFAULT_POLL_US  # re-exported
+from actorfs.runtime.devfuse.transport import FuseTransport, TransportStats
+from actorfs.runtime.fuse.dispatcher import Dispatcher, DispatcherStats
 from actorfs.runtime.ops import follow
 from actorfs.runtime.ops.filesystem import ConfigError, Filesystem, FsConfig
+
+if TYPE_CHECKING:
+    from actorfs.actors.inode_table import FdCacheStats
+    from actorfs.actors.watcher import WatcherStats
 
 log = logging.getLogger("actorfs.server")
 
@@ -54,6 +62,31 @@ DEFAULT_READ_AHEAD_KB = 1024
 
 class ServerFailed(Exception):
     """The server stopped on a fatal error (an actor crashed, /dev/fuse failed)."""
+
+
+class PassthroughStats(TypedDict):
+    on: bool
+    reason: str
+
+
+class PoolStats(TypedDict):
+    workers: int
+    submitted: int
+
+
+class MountStats(TypedDict):
+    """MountedServer.stats() (JSON-ready: the stats socket); the parts that exist yet."""
+
+    mountpoint: str
+    root: str
+    ready: bool
+    uptime_s: float
+    transport: NotRequired[TransportStats]
+    requests: NotRequired[DispatcherStats]
+    passthrough: NotRequired[PassthroughStats]
+    pool: NotRequired[PoolStats]
+    inodes: NotRequired[FdCacheStats]
+    watcher: NotRequired[WatcherStats]
 
 
 class MountedServer:
@@ -92,7 +125,7 @@ class MountedServer:
         self.reason: str | None = None  # why it ended: stopped, unmounted, failed
         self.failure: BaseException | None = None
         self.started_at: float | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._stop_requested = asyncio.Event()
 
@@ -159,8 +192,8 @@ class MountedServer:
             return "passthrough not negotiated yet"
         return f"passthrough {d.passthrough_reason}"
 
-    def stats(self) -> dict:
-        out = {
+    def stats(self) -> MountStats:
+        out: MountStats = {
             "mountpoint": self.mountpoint,
             "root": self.config.root,
             "ready": self.ready,
@@ -182,7 +215,7 @@ class MountedServer:
                     out["watcher"] = self.fs.watcher.stats()
         return out
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, MountedServer]:
         """`await mount(...)`: start, and return the server once it is ready."""
         return self.start().__await__()
 
@@ -191,7 +224,12 @@ class MountedServer:
             await self.start()
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.stop()
         if exc_type is None and self.failure is not None:
             raise ServerFailed(f"{self.reason}: {self.failure!r}") from self.failure
@@ -209,10 +247,10 @@ class MountedServer:
         except BaseExceptionGroup as group:
             # The actors' task group wraps what the body raised: unwrap a lone error.
             if len(group.exceptions) == 1:
-                exc = group.exceptions[0]
-                if isinstance(exc, ConfigError):
-                    raise MountError(str(exc)) from None
-                raise exc from None
+                inner = group.exceptions[0]
+                if isinstance(inner, ConfigError):
+                    raise MountError(str(inner)) from None
+                raise inner from None
             raise
 
     async def _serve_mounted(self, fs: Filesystem) -> None:
@@ -229,9 +267,9 @@ class MountedServer:
         self.mount_info = m
         follow.register_own(m.conn)  # --symlinks follow never walks into it
         try:
-            self.dispatcher = Dispatcher(fs, "fuse", self.max_in_flight)
+            dispatcher = self.dispatcher = Dispatcher(fs, "fuse", self.max_in_flight)
             transport = self.transport = FuseTransport(
-                m.fd, self.dispatcher, queues=self.queues, poll_us=self.poll_us
+                m.fd, dispatcher, queues=self.queues, poll_us=self.poll_us
             )
         except BaseException:
             os.close(m.fd)  # the only fd: closing it aborts the connection
@@ -248,13 +286,13 @@ class MountedServer:
                     fuse_mount.set_read_ahead(m.conn, self.read_ahead_kb)
                 self.started_at = time.monotonic()
                 log.info("serving %s on %s", fs.root_path, m.mountpoint)
-                await self._until_end(fs, transport)
+                await self._until_end(fs, dispatcher, transport)
         finally:
             # Cancellation of this task (the embedding loop shutting down) must
             # still unmount and close: do it under a shield.
-            await asyncio.shield(self._teardown(fs, transport, run))
+            await asyncio.shield(self._teardown(fs, m, dispatcher, transport, run))
 
-    async def _until_ready(self, transport: FuseTransport, run: asyncio.Task) -> None:
+    async def _until_ready(self, transport: FuseTransport, run: asyncio.Task[None]) -> None:
         await _first_of(transport.ready.wait(), self._stop_requested.wait(), run)
         if not transport.ready.is_set():
             if self._stop_requested.is_set():
@@ -263,12 +301,14 @@ class MountedServer:
             raise ServerFailed(f"the kernel did not accept FUSE_INIT on {self.mountpoint}: {why}")
         self._ready.set()
 
-    async def _until_end(self, fs: Filesystem, transport: FuseTransport) -> None:
+    async def _until_end(
+        self, fs: Filesystem, dispatcher: Dispatcher, transport: FuseTransport
+    ) -> None:
         await _first_of(
             transport.ended.wait(),
             self._stop_requested.wait(),
             fs.supervisor.failed.wait(),
-            self.dispatcher.destroyed.wait(),
+            dispatcher.destroyed.wait(),
         )
         if fs.supervisor.failed.is_set():
             name, cause = fs.supervisor.crashes[-1] if fs.supervisor.crashes else ("?", None)
@@ -277,13 +317,19 @@ class MountedServer:
         elif transport.ended.is_set() and transport.error is not None:
             self.reason = "transport failed"
             self.failure = transport.error
-        elif transport.ended.is_set() or self.dispatcher.destroyed.is_set():
+        elif transport.ended.is_set() or dispatcher.destroyed.is_set():
             self.reason = "unmounted"
         else:
             self.reason = "stopped"
 
-    async def _teardown(self, fs: Filesystem, transport: FuseTransport, run: asyncio.Task) -> None:
-        m = self.mount_info
+    async def _teardown(
+        self,
+        fs: Filesystem,
+        m: fuse_mount.Mount,
+        dispatcher: Dispatcher,
+        transport: FuseTransport,
+        run: asyncio.Task[None],
+    ) -> None:
         if self.reason is None:
             self.reason = "stopped"
         if self.failure is not None:
@@ -307,7 +353,6 @@ class MountedServer:
         transport.stop(self.reason)
         with contextlib.suppress(BaseException):
             await run
-        dispatcher = self.dispatcher
         try:
             await asyncio.wait_for(dispatcher.drain(), DRAIN_TIMEOUT)
         except TimeoutError:
@@ -321,23 +366,27 @@ class MountedServer:
         log.info("unmounted %s (%s)", m.mountpoint, self.reason)
 
 
-async def _first_of(*aws) -> None:
+async def _first_of(*aws: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> None:
     """Wait until one of `aws` (coroutines, or tasks owned elsewhere) is done.
 
     The waiting tasks made here are cancelled and awaited before returning.
     """
-    mine = [asyncio.ensure_future(a) if asyncio.iscoroutine(a) else None for a in aws]
-    futs = [m if m is not None else a for m, a in zip(mine, aws, strict=True)]
+    owned: list[asyncio.Future[Any]] = []  # the tasks made here for the coroutines
+    futs: list[asyncio.Future[Any]] = []
+    for a in aws:
+        if asyncio.iscoroutine(a):
+            a = asyncio.ensure_future(a)
+            owned.append(a)
+        futs.append(a)
     try:
         await asyncio.wait(futs, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        owned = [m for m in mine if m is not None]
         for m in owned:
             m.cancel()
         await asyncio.gather(*owned, return_exceptions=True)
 
 
-async def _settled(task: asyncio.Task) -> None:
+async def _settled(task: asyncio.Task[None]) -> None:
     """Wait for `task`; its result or failure is read elsewhere (wait(), .failure)."""
     with contextlib.suppress(BaseException):
         await asyncio.wait({task})

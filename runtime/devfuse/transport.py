@@ -27,12 +27,14 @@ import fcntl
 import logging
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
+from typing import TypeAlias, TypedDict
 
 from actorfs.runtime.core.abi import peek_header
 from actorfs.runtime.fuse import protocol as P
-from actorfs.runtime.fuse.dispatcher import MAX_WRITE, PAGE_SIZE
+from actorfs.runtime.fuse.dispatcher import MAX_WRITE, PAGE_SIZE, Dispatcher
 from actorfs.runtime.fuse.notify import WriterNotifier
 
 log = logging.getLogger("actorfs.fuse")
@@ -52,6 +54,32 @@ _GONE = (errno.ENODEV, errno.ECONNABORTED)
 # How long a reader keeps polling an empty /dev/fuse before it sleeps (µs).
 DEFAULT_POLL_US = 200
 
+# A reply sender: writes one reply's buffers to /dev/fuse (a dispatcher Send).
+ReplySender: TypeAlias = Callable[[P.Iov], None]
+
+
+class BackingStats(TypedDict):
+    """BackingFiles.stats(): FUSE passthrough backing files."""
+
+    opened: int
+    closed: int
+    failed: int
+    live: int
+
+
+class TransportStats(TypedDict):
+    """FuseTransport.stats(): frames and replies through /dev/fuse."""
+
+    queues: int
+    frames: int
+    bytes_in: int
+    replies: int
+    replies_dropped: int
+    reply_errors: int
+    notify_delivered: int
+    notify_undelivered: int
+    notify_dropped: int
+    backing: BackingStats
 
 
 class BackingFiles:
@@ -86,7 +114,8 @@ class BackingFiles:
         arg = bytearray(P.backing_map(fd))
         try:
             # mutate_flag=True makes ioctl return the syscall's value: the id.
-            backing_id = fcntl.ioctl(self._devfd, P.FUSE_DEV_IOC_BACKING_OPEN, arg, True)
+            # (typeshed types this overload, a writable buffer, as Any.)
+            backing_id: int = fcntl.ioctl(self._devfd, P.FUSE_DEV_IOC_BACKING_OPEN, arg, True)
         except OSError:
             self.failed += 1
             raise
@@ -112,7 +141,7 @@ class BackingFiles:
     def live(self) -> int:
         return len(self._inode_of)
 
-    def stats(self) -> dict:
+    def stats(self) -> BackingStats:
         return {
             "opened": self.opened,
             "closed": self.closed,
@@ -143,7 +172,7 @@ class FuseTransport:
     def __init__(
         self,
         devfd: int,
-        dispatcher,
+        dispatcher: Dispatcher,
         *,
         queues: int = 1,
         notify_queue: int = 1024,
@@ -160,7 +189,7 @@ class FuseTransport:
         self.end_reason: str | None = None
         self.error: BaseException | None = None
         self._fds: list[int] = [devfd]
-        self._readers: list[asyncio.Task] = []
+        self._readers: list[asyncio.Task[None]] = []
         self._closed = False
         # counters
         self.frames = 0
@@ -170,8 +199,11 @@ class FuseTransport:
         self.reply_errors = 0
         self.notify_dropped = 0
         # notifications
-        self._notify_queue: asyncio.Queue = asyncio.Queue(notify_queue)
-        self._notify_task: asyncio.Task | None = None
+        # (the notification's buffers, the future told whether it was written)
+        self._notify_queue: asyncio.Queue[tuple[P.Iov, asyncio.Future[bool]]] = asyncio.Queue(
+            notify_queue
+        )
+        self._notify_task: asyncio.Task[None] | None = None
         self._notify_thread: ThreadPoolExecutor | None = None
         self.notifier = WriterNotifier(self._enqueue_notification, enabled=self._can_notify)
         self.backing = BackingFiles(devfd)
@@ -295,6 +327,7 @@ class FuseTransport:
                 # reused; a large one (a WRITE) keeps the buffer, which comes back
                 # to `spare` once its reply is sent, and reading goes on in another.
                 reply = send
+                frame: bytes | memoryview
                 if n > SMALL_FRAME:
                     frame = view[:n]
                     reply = self._recycling(send, buf, spare)
@@ -315,10 +348,10 @@ class FuseTransport:
             self._end("error", exc)
 
     @staticmethod
-    def _recycling(send, buf: bytearray, spare: list[bytearray]):
+    def _recycling(send: ReplySender, buf: bytearray, spare: list[bytearray]) -> ReplySender:
         """`send`, then give `buf` back for reading: the request is done with it."""
 
-        def send_and_recycle(iov: list) -> None:
+        def send_and_recycle(iov: P.Iov) -> None:
             send(iov)
             if len(spare) < SPARE_BUFFERS:
                 spare.append(buf)
@@ -327,17 +360,17 @@ class FuseTransport:
 
     async def _readable(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[None] = loop.create_future()
         loop.add_reader(fd, _wake, fut)
         try:
             await fut
         finally:
             loop.remove_reader(fd)
 
-    def _sender(self, fd: int):
+    def _sender(self, fd: int) -> ReplySender:
         debug = log.isEnabledFor(logging.DEBUG)
 
-        def send(iov: list) -> None:
+        def send(iov: P.Iov) -> None:
             if debug:
                 length, error, unique = P.parse_out_header(iov[0])
                 log.debug("reply unique=%d error=%d len=%d", unique, error, length)
@@ -360,14 +393,14 @@ class FuseTransport:
 
         return send
 
-    def _init_sender(self, fd: int):
+    def _init_sender(self, fd: int) -> ReplySender:
         send = self._sender(fd)
 
-        def send_init(iov: list) -> None:
+        def send_init(iov: P.Iov) -> None:
             init = self.dispatcher.init
             ok = P.parse_out_header(iov[0])[1] == 0 and init is not None
             fs = self.dispatcher.fs
-            if ok and init.passthrough:
+            if ok and init is not None and init.passthrough:
                 # Before the reply: the kernel sends OPEN only after reading it.
                 fs.backing = self.backing
             before = self.replies
@@ -382,8 +415,8 @@ class FuseTransport:
     def _can_notify(self) -> bool:
         return self.ready.is_set() and not self.ended.is_set()
 
-    async def _enqueue_notification(self, iov: list) -> bool:
-        fut = asyncio.get_running_loop().create_future()
+    async def _enqueue_notification(self, iov: P.Iov) -> bool:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
             self._notify_queue.put_nowait((iov, fut))
         except asyncio.QueueFull:
@@ -412,7 +445,7 @@ class FuseTransport:
 
     # -- stats -------------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> TransportStats:
         return {
             "queues": len(self._fds),
             "frames": self.frames,
@@ -427,20 +460,21 @@ class FuseTransport:
         }
 
 
-def _log_request(frame: bytes) -> None:
-    if len(frame) < P.IN_HEADER_SIZE:
+def _log_request(frame: bytes | memoryview) -> None:
+    head = peek_header(frame)
+    if head is None or len(frame) < P.IN_HEADER_SIZE:
         log.debug("short frame of %d bytes", len(frame))
         return
-    length, opcode, unique = peek_header(frame)
+    length, opcode, unique = head
     name = P.OPCODE_NAMES.get(opcode, str(opcode))
     log.debug("request %s unique=%d len=%d", name, unique, length)
 
 
-def _is_init(frame) -> bool:
+def _is_init(frame: bytes | memoryview) -> bool:
     head = peek_header(frame)
     return head is not None and head.opcode == P.FUSE_INIT
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
