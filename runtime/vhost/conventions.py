@@ -29,7 +29,7 @@ def capabilities_json() -> str:
     return json.dumps(CAPABILITIES, indent=2)
 
 
-def description(binary: str) -> dict:
+def description(binary: str) -> dict[str, str]:
     """The vhost-user JSON description (QEMU's docs/interop/vhost-user.json schema)."""
     return {
         "description": "actorfs: a passthrough virtio-fs daemon (asyncio actors)",

@@ -26,7 +26,9 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actorfs.runtime.core.abi import peek_header
 from actorfs.runtime.core.shield import shielded
@@ -39,6 +41,13 @@ from actorfs.runtime.vhost.vhost_user import (
     send_message,
 )
 from actorfs.runtime.vhost.virtqueue import Chain, QueueBroken, Virtqueue
+
+if TYPE_CHECKING:
+    from actorfs.actors.dax import DaxWindow
+    from actorfs.runtime.fuse.dispatcher import Dispatcher
+
+# Connection.renew(): close the FUSE session, open a fresh one -> (dispatcher, DAX window).
+Renew: TypeAlias = "Callable[[], Awaitable[tuple[Dispatcher, DaxWindow | None]]]"
 
 log = logging.getLogger("actorfs.vhost")
 
@@ -108,14 +117,17 @@ class QueueRunner:
         self.conn = conn
         self.vq = vq
         self.loop = asyncio.get_running_loop()
-        self.kick_fd = vq.kick_fd
+        # VhostUserBackend._activate starts a runner only for a started queue, and
+        # a queue is started only by a kick fd (SET_VRING_KICK, SET_VRING_ENABLE).
+        assert vq.kick_fd is not None
+        self.kick_fd: int = vq.kick_fd
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
         self.inflight = 0
         self.notify_pending = False
         self.bad_chains = 0
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """ValueError when the kick fd cannot be watched (epoll refuses it)."""
@@ -217,7 +229,7 @@ class QueueRunner:
         self.idle.clear()
         replied = False
 
-        def send(iov: list) -> None:
+        def send(iov: protocol.Iov) -> None:
             nonlocal replied
             if replied:
                 return
@@ -250,7 +262,7 @@ class QueueRunner:
             log.exception("queue %d: dispatch failed", vq.index)
             send(protocol.reply_error(unique, errno.EIO))
 
-    def _hostile(self, fmt: str, *args) -> None:
+    def _hostile(self, fmt: str, *args: object) -> None:
         """Log bad guest input, but not every time: a guest must not flood the log."""
         self.bad_chains += 1
         if self.bad_chains <= 10 or self.bad_chains % 1000 == 0:
@@ -300,12 +312,12 @@ class QueueRunner:
         self._flush_notify()
 
 
-def _retrieve(task: asyncio.Task) -> None:
+def _retrieve(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("a FUSE session renewal failed: %r", task.exception())
 
 
-def _no_reply(iov: list) -> None:
+def _no_reply(iov: protocol.Iov) -> None:
     """FORGET and friends never get a reply; a stray one has nowhere to go."""
 
 
@@ -313,8 +325,9 @@ def _no_reply(iov: list) -> None:
 class Connection:
     """The QueueListener for one frontend: owns the queue runners and the FUSE session."""
 
-    def __init__(self, sock: socket.socket, dispatcher, *, tag: str | None = None,
-                 dax_window=None, renew=None, allow_unsealed: bool = False):
+    def __init__(self, sock: socket.socket, dispatcher: Dispatcher, *, tag: str | None = None,
+                 dax_window: DaxWindow | None = None, renew: Renew | None = None,
+                 allow_unsealed: bool = False):
         self.sock = sock
         self.dispatcher = dispatcher
         self.runners: dict[int, QueueRunner] = {}
@@ -322,12 +335,12 @@ class Connection:
         # renew(): close the session and open a fresh one -> (dispatcher, dax_window).
         self.renew = renew
         self._renewing = asyncio.Lock()
-        self._renewal: asyncio.Task | None = None
+        self._renewal: asyncio.Task[None] | None = None
         self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None,
                                         allow_unsealed=allow_unsealed)
         self.dax_sockets: list[socket.socket] = []
 
-    async def dispatcher_for(self, opcode: int):
+    async def dispatcher_for(self, opcode: int) -> Dispatcher:
         """The dispatcher for a request; a second INIT starts a new FUSE session.
 
         A guest that reboots or resets the device without unmounting sends
@@ -350,10 +363,11 @@ class Connection:
             return self.dispatcher
 
     async def _renew(self) -> None:
+        assert self.renew is not None  # dispatcher_for starts a renewal only with one
         try:
             self.dispatcher, self.dax_window = await self.renew()
             if self.dax_window is not None and self.dax_sockets:
-                self._connect_dax(self.dax_sockets[-1])
+                self._connect_dax(self.dax_window, self.dax_sockets[-1])
         finally:
             self._renewal = None
 
@@ -376,15 +390,22 @@ class Connection:
         if self.dax_window is None or not shmem:
             return False
         sock.setblocking(True)  # the DAX sender thread does blocking sends with a timeout
-        self._connect_dax(sock)
+        self._connect_dax(self.dax_window, sock)
         self.dax_sockets.append(sock)  # closed after the DAX window (its unmaps go out first)
         log.info("DAX: SETUPMAPPING/REMOVEMAPPING go to the frontend over the backend channel")
         return True
 
-    def _connect_dax(self, sock: socket.socket) -> None:
-        from actorfs.runtime.dax.channel import DaxChannel
+    def _connect_dax(self, window: DaxWindow, sock: socket.socket) -> None:
+        from actorfs.runtime.dax.channel import ChannelMapper, DaxChannel
 
-        self.dax_window.mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
+        mapper = window.mapper
+        if not isinstance(mapper, ChannelMapper):
+            # virtiofs_config() gives a served window the channel mapper; a session
+            # configured otherwise (serve_connection() called with another dax_mapper)
+            # has no way to the frontend. (This was an AttributeError on .connect.)
+            raise TypeError(f"a DAX window served over vhost-user needs dax_mapper='channel', "
+                            f"not {type(mapper).__name__}")
+        mapper.connect(DaxChannel(sock, reply_ack=self.backend.reply_ack))
 
     async def run(self) -> None:
         handshake_until = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -438,13 +459,13 @@ class Session:
 
     def __init__(self, config: FsConfig):
         self.config = config
-        self.dispatcher = None
-        self.dax_window = None  # the Filesystem's DAX actor, when configured
+        self.dispatcher: Dispatcher | None = None
+        self.dax_window: DaxWindow | None = None  # the Filesystem's DAX actor, when configured
         self._closing = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def open(self) -> Session:
-        ready = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._live(ready), name="fuse-session")
         try:
             await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
@@ -456,18 +477,23 @@ class Session:
             raise RuntimeError("the FUSE session ended before it started")
         return self
 
-    async def _live(self, ready: asyncio.Future) -> None:
+    def serving(self) -> tuple[Dispatcher, DaxWindow | None]:
+        """The session's dispatcher and DAX window, once open() has returned."""
+        assert self.dispatcher is not None  # open() returns only once _live made it
+        return self.dispatcher, self.dax_window
+
+    async def _live(self, ready: asyncio.Future[None]) -> None:
         from actorfs.runtime.fuse.dispatcher import Dispatcher
         from actorfs.runtime.ops.filesystem import Filesystem
 
         async with Filesystem.running(self.config) as fs:
-            self.dispatcher = Dispatcher(fs, transport="virtiofs")
+            dispatcher = self.dispatcher = Dispatcher(fs, transport="virtiofs")
             self.dax_window = fs.dax
             ready.set_result(None)
             await self._closing.wait()
             # Let the requests in flight finish (bounded), then stop the actors.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.dispatcher.drain(), DRAIN_TIMEOUT)
+                await asyncio.wait_for(dispatcher.drain(), DRAIN_TIMEOUT)
 
     async def close(self) -> None:
         if self._task is None:
@@ -485,23 +511,24 @@ class Session:
 async def serve_connection(config: FsConfig, sock: socket.socket, *,
                            tag: str | None = None, stats_interval: float = 0,
                            allow_unsealed_memory: bool = False,
-                           on_connection=None) -> None:
+                           on_connection: Callable[[Connection], None] | None = None) -> None:
     """Serve one frontend until it disconnects, in a fresh FUSE session."""
     sock.setblocking(False)
-    session = None
+    session: Session | None = None
     conn: Connection | None = None
 
-    async def renew():
+    async def renew() -> tuple[Dispatcher, DaxWindow | None]:
         nonlocal session
         old, session = session, None
         if old is not None:  # None: an earlier renewal failed half-way
             await old.close()
         session = await Session(config).open()
-        return session.dispatcher, session.dax_window
+        return session.serving()
 
     try:
         session = await Session(config).open()
-        conn = Connection(sock, session.dispatcher, tag=tag, dax_window=session.dax_window,
+        dispatcher, dax_window = session.serving()
+        conn = Connection(sock, dispatcher, tag=tag, dax_window=dax_window,
                           renew=renew, allow_unsealed=allow_unsealed_memory)
         if on_connection is not None:  # e.g. the stats socket reads conn.dispatcher
             on_connection(conn)
@@ -532,7 +559,7 @@ def virtiofs_config(config: FsConfig, dax_name: str | None, dax_size: int) -> Fs
 
 
 async def _serve(conn: Connection, stats_interval: float) -> None:
-    stats = None
+    stats: asyncio.Task[None] | None = None
     if stats_interval:
         stats = asyncio.create_task(_log_stats(conn, stats_interval))
     try:
@@ -604,7 +631,7 @@ class VhostUserServer:
         self.on_connection = on_connection
         self._listener: socket.socket | None = None
         self._ino: int | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def _listen(self) -> None:
         # A copy with the canonical root: the caller's FsConfig stays as it was.
@@ -618,6 +645,7 @@ class VhostUserServer:
         if self.listen_fd is not None:
             self._listener = adopt_listener(self.listen_fd)
         else:
+            assert self.socket_path is not None  # __init__: one of socket_path, listen_fd
             try:
                 self._listener = bind_socket(self.socket_path)
             except OSError as exc:
@@ -632,11 +660,13 @@ class VhostUserServer:
             self._listener.close()
             self._listener = None
             if self.listen_fd is None:
+                assert self.socket_path is not None  # __init__: one of socket_path, listen_fd
                 _remove_socket(self.socket_path, self._ino)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         listener = self._listener
+        assert listener is not None  # __aenter__ starts this loop right after _listen()
         while True:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -665,7 +695,8 @@ class VhostUserServer:
         self._task = asyncio.create_task(self._accept_loop(), name="vhost-user:accept")
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         task = self._task
         try:
             if task is not None and not task.done():
@@ -696,11 +727,11 @@ class VhostUserServer:
             await self.wait()
         return 0
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, int]:
         return self._run().__await__()
 
 
-async def _settled(task: asyncio.Task) -> None:
+async def _settled(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
 
 
