@@ -118,7 +118,10 @@ class StatsSocket:
 
 
 def read_stats(path: str, timeout: float = 10.0) -> dict:
-    """One reading from a stats socket (blocking; for `actorfs stats`)."""
+    """One reading from a stats socket (blocking; for `actorfs stats`).
+
+    ValueError if the answer is not a JSON object: not an actorfs stats socket.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
@@ -128,7 +131,10 @@ def read_stats(path: str, timeout: float = 10.0) -> dict:
             if not b:
                 break
             chunks.append(b)
-    return json.loads(b"".join(chunks))
+    stats = json.loads(b"".join(chunks))
+    if not isinstance(stats, dict):
+        raise ValueError(f"{shown(path)} answered {type(stats).__name__}, not a JSON object")
+    return stats
 
 
 # -- Prometheus metrics -------------------------------------------------------------
