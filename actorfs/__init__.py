@@ -99,7 +99,7 @@ if TYPE_CHECKING:  # what a type checker or an IDE sees
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:  # the names of __all__ are typed above
     try:
         module = _WHERE[name]
     except KeyError:

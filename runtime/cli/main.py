@@ -23,6 +23,8 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn, NotRequired, Protocol, TypedDict, TypeVar
 
 from actorfs.runtime.devfuse import mounting as fuse_mount
 from actorfs.runtime.devfuse.mounting import MountError
@@ -36,8 +38,17 @@ from actorfs.runtime.ops.filesystem import (
     check_root,
 )
 
+if TYPE_CHECKING:
+    # Imported where used: the command line loads only the transport it runs.
+    from actorfs.runtime.cli.observe import Observers, StatsFn
+    from actorfs.runtime.devfuse.server import MountedServer
+    from actorfs.runtime.fuse.dispatcher import DispatcherStats
+    from actorfs.runtime.vhost.server import Connection
+
 PROG = "actorfs"
 USER_ERROR = 2
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -45,7 +56,7 @@ class UserError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + error
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
@@ -67,7 +78,7 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _whole_number(lo: int, hi: int, unit: str = "", lo_text: str = ""):
+def _whole_number(lo: int, hi: int, unit: str = "", lo_text: str = "") -> Callable[[str], int]:
     """An argparse type: a whole number from lo to hi, else one line saying so."""
     of = f" of {unit}" if unit else ""
 
@@ -272,7 +283,7 @@ def setup_logging(debug: bool, level: str | None = None) -> None:
             h.setFormatter(fmt)
 
 
-def run_loop(coro):
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed."""
     try:
         import uvloop
@@ -287,7 +298,7 @@ def run_loop(coro):
 # -- stats ----------------------------------------------------------------------------
 
 
-def format_stats(stats: dict) -> str:
+def format_stats(stats: Mapping[str, Any]) -> str:
     """A short human summary of MountedServer.stats() / Dispatcher.stats()."""
     req = stats.get("requests", stats)
     lines = [
@@ -322,7 +333,7 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def _print_stats(server) -> None:
+def _print_stats(server: MountedServer) -> None:
     with contextlib.suppress(OSError, ValueError):
         print(format_stats(server.stats()), file=sys.stderr, flush=True)
 
@@ -354,7 +365,7 @@ def _unmount_hint(mnt: str) -> str:
     return f"umount {mnt}" if os.geteuid() == 0 else f"fusermount3 -u {mnt}"
 
 
-def _announce_foreground(server) -> None:
+def _announce_foreground(server: MountedServer) -> None:
     print(
         f"{PROG}: serving {server.config.root} on {server.mountpoint}, "
         f"{server.passthrough_status} "
@@ -364,7 +375,17 @@ def _announce_foreground(server) -> None:
     )
 
 
-def mount_options(args: argparse.Namespace) -> dict:
+class MountOptions(TypedDict):
+    """The keyword arguments of mount() that `actorfs mount`'s options set."""
+
+    allow_other: bool
+    queues: int | None
+    read_ahead_kb: int
+    poll_us: int
+    mount_flags: tuple[str, ...]
+
+
+def mount_options(args: argparse.Namespace) -> MountOptions:
     """mount()'s keyword arguments from `actorfs mount`'s options."""
     from actorfs.runtime.devfuse.server import DEFAULT_POLL_US, DEFAULT_READ_AHEAD_KB
 
@@ -377,7 +398,18 @@ def mount_options(args: argparse.Namespace) -> dict:
     }
 
 
-async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
+class OnReady(Protocol):
+    """Told how the mount start ended: `server` once it is ready, else None with the
+    error and exit status; returns the status to exit with (None once ready)."""
+
+    def __call__(
+        self, server: MountedServer | None, error: str | None = None, status: int = USER_ERROR
+    ) -> int | None: ...
+
+
+async def _serve_mount(
+    args: argparse.Namespace, config: FsConfig, mnt: str, on_ready: OnReady
+) -> int:
     from actorfs.runtime.cli import sd_notify
     from actorfs.runtime.devfuse.server import ServerFailed, mount
 
@@ -443,18 +475,18 @@ async def _serve_mount(args, config: FsConfig, mnt: str, on_ready) -> int:
     return 0
 
 
-def _remove_handlers(loop) -> None:
+def _remove_handlers(loop: asyncio.AbstractEventLoop) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         loop.remove_signal_handler(sig)
 
 
-async def _stats_every(server, seconds: float) -> None:
+async def _stats_every(server: MountedServer, seconds: float) -> None:
     while True:
         await asyncio.sleep(seconds)
         _print_stats(server)
 
 
-def _daemonize(serve) -> int:
+def _daemonize(serve: Callable[[OnReady], int]) -> int:
     """Fork; the parent exits 0 only once the child's mount is ready.
 
     The child reports on a pipe: "ok" when ready, or "<status> <message>".
@@ -489,7 +521,9 @@ def _daemonize(serve) -> int:
     os.chdir("/")
     report = os.fdopen(w, "w")
 
-    def on_ready(server, error: str | None = None, status: int = USER_ERROR):
+    def on_ready(
+        server: MountedServer | None, error: str | None = None, status: int = USER_ERROR
+    ) -> int | None:
         if server is None:
             report.write(f"{status} {PROG}: error: {error}\n")
             report.close()
@@ -502,20 +536,22 @@ def _daemonize(serve) -> int:
         os.close(null)
         return None
 
-    status = USER_ERROR
+    exit_status = USER_ERROR
     try:
-        status = serve(on_ready)
+        exit_status = serve(on_ready)
     except BaseException:
-        status = 1
+        exit_status = 1
     finally:
         with contextlib.suppress(OSError, ValueError):
             report.close()
-        os._exit(status or 0)
+        os._exit(exit_status or 0)
 
 
-def _foreground_ready(server, error: str | None = None, status: int = USER_ERROR):
+def _foreground_ready(
+    server: MountedServer | None, error: str | None = None, status: int = USER_ERROR
+) -> int | None:
     if server is None:
-        fail(error, status)
+        fail(str(error), status)  # as the daemon's report: always given with no server
         return status
     _announce_foreground(server)
     return None
@@ -545,11 +581,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.dax_window = f"/actorfs-dax-{os.getpid()}"
 
     where = args.socket or f"fd {args.fd}"
-    live: dict = {}
+    live: dict[str, Connection] = {}
 
-    def stats() -> dict:
+    def stats() -> ServeStats:
         conn = live.get("conn")
-        out = {"socket": where, "root": config.root, "uptime_s": round(time.monotonic() - t0, 3)}
+        out: ServeStats = {"socket": where, "root": config.root, "uptime_s": round(time.monotonic() - t0, 3)}
         if conn is not None:
             out["requests"] = conn.dispatcher.stats()
         return out
@@ -610,7 +646,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_loop(main()) or 0
 
 
-def _observers(args: argparse.Namespace, stats, target: str):
+class ServeStats(TypedDict):
+    """What `actorfs serve` shows on its stats socket and metrics."""
+
+    socket: str
+    root: str
+    uptime_s: float
+    requests: NotRequired[DispatcherStats]  # once a frontend connected
+
+
+def _observers(args: argparse.Namespace, stats: StatsFn, target: str) -> Observers:
     from actorfs.runtime.cli.observe import Observers, stats_socket_for
 
     path = args.stats_socket

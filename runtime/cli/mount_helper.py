@@ -24,6 +24,7 @@ translate() turns that form into `actorfs mount SRC MNT ...`:
 from __future__ import annotations
 
 import logging
+from collections.abc import Container
 
 log = logging.getLogger("actorfs.mount_helper")
 
@@ -49,7 +50,7 @@ IGNORED_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "context=", "fscont
 _notes: list[str] = []
 
 
-def is_helper_form(argv: list[str], commands) -> bool:
+def is_helper_form(argv: list[str], commands: Container[str]) -> bool:
     """`SRC MNT ...` rather than `COMMAND ...`: two paths before any option."""
     if len(argv) < 2 or argv[0] in commands or argv[0].startswith("-"):
         return False

@@ -26,11 +26,16 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger("actorfs.observe")
 
-StatsFn = Callable[[], dict]
+# A server's stats(): a JSON-ready mapping (MountedServer.stats(), or `actorfs serve`'s).
+StatsFn: TypeAlias = Callable[[], Mapping[str, Any]]
 
 
 # -- where the stats socket lives -----------------------------------------------------
@@ -82,7 +87,7 @@ class StatsSocket:
         return self
 
     @staticmethod
-    def _allowed(writer) -> bool:
+    def _allowed(writer: asyncio.StreamWriter) -> bool:
         sock = writer.get_extra_info("socket")
         try:
             _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -91,7 +96,7 @@ class StatsSocket:
             return False
         return uid in (0, os.geteuid())
 
-    async def _serve(self, reader, writer) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if not self._allowed(writer):
                 return  # another user: closed without a word
@@ -117,7 +122,7 @@ class StatsSocket:
         self._server = None
 
 
-def read_stats(path: str, timeout: float = 10.0) -> dict:
+def read_stats(path: str, timeout: float = 10.0) -> dict[str, Any]:
     """One reading from a stats socket (blocking; for `actorfs stats`).
 
     ValueError if the answer is not a JSON object: not an actorfs stats socket.
@@ -146,7 +151,7 @@ class _Collector:
     def __init__(self, stats: StatsFn):
         self.stats = stats
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
@@ -167,7 +172,8 @@ class _Collector:
         for name, o in ops.items():
             count.add_metric([name], o["count"])
             errors.add_metric([name], o["errors"])
-            buckets, seen = [], 0
+            buckets: list[tuple[str, float]] = []
+            seen = 0
             for bound, n in sorted((int(b), n) for b, n in o.get("histogram_us", {}).items()):
                 seen += n
                 buckets.append((repr(bound / 1e6), seen))
@@ -204,7 +210,7 @@ def render_metrics(stats: StatsFn) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def parse_metrics_addr(addr: str) -> tuple[str, str | int]:
+def parse_metrics_addr(addr: str) -> tuple[Literal["unix", "tcp"], str]:
     """ "9101" / "127.0.0.1:9101" -> ("tcp", ...); a path -> ("unix", path)."""
     if "/" in addr:
         return "unix", addr
@@ -222,7 +228,7 @@ class MetricsServer:
     def __init__(self, addr: str, stats: StatsFn):
         self.kind, self.where = parse_metrics_addr(addr)
         self.stats = stats
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> MetricsServer:
         if self.kind == "unix":
@@ -244,7 +250,7 @@ class MetricsServer:
         host, port = self._server.sockets[0].getsockname()[:2]
         return f"{host}:{port}"
 
-    async def _serve(self, reader, writer) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             line = head.split(b"\r\n", 1)[0].decode(errors="replace").split()

@@ -14,8 +14,12 @@ import signal
 import stat
 import sys
 import time
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from actorfs.runtime.cli.observe import read_stats, shown, stats_socket_for
+
+if TYPE_CHECKING:
+    from rich.console import Group, JustifyMethod
 
 
 class StatsUnavailable(Exception):
@@ -59,11 +63,26 @@ def _percentile(hist: dict[int, int], q: float) -> int:
     return max(hist)
 
 
-def rows(prev: dict | None, cur: dict, dt: float) -> list[dict]:
+class Row(TypedDict):
+    """One op's line of the view."""
+
+    op: str
+    rate: float  # requests per second over the interval
+    count: int
+    errors: int
+    p50_us: int
+    p99_us: int
+
+
+# A reading of the stats socket: the server's stats() as JSON (read_stats).
+Reading = dict[str, Any]
+
+
+def rows(prev: Reading | None, cur: Reading, dt: float) -> list[Row]:
     """Per-op figures from two readings dt seconds apart (prev None: since the start)."""
     ops = (cur.get("requests") or {}).get("ops", {})
     old = ((prev or {}).get("requests") or {}).get("ops", {})
-    out = []
+    out: list[Row] = []
     for name, o in ops.items():
         p = old.get(name, {})
         dcount = o["count"] - p.get("count", 0)
@@ -91,7 +110,7 @@ def _us(v: int) -> str:
     return f"{v}us"
 
 
-def render(cur: dict, table_rows: list[dict], target: str):
+def render(cur: Reading, table_rows: list[Row], target: str) -> Group:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -104,8 +123,11 @@ def render(cur: dict, table_rows: list[dict], target: str):
         f"{req.get('in_flight', 0)} in flight"
     )
     t = Table(box=None, pad_edge=False)
-    for col, justify in (("OP", "left"), ("REQ/S", "right"), ("TOTAL", "right"),
-                         ("ERRORS", "right"), ("P50", "right"), ("P99", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("OP", "left"), ("REQ/S", "right"), ("TOTAL", "right"),
+        ("ERRORS", "right"), ("P50", "right"), ("P99", "right"),
+    )  # fmt: skip
+    for col, justify in columns:
         t.add_column(col, justify=justify)
     for r in table_rows:
         t.add_row(r["op"], f"{r['rate']:.1f}", str(r["count"]), str(r["errors"]),

@@ -201,7 +201,11 @@ def translate(argv: list[str]) -> tuple[list[str], list[str]]:
     if (socket is None) == (fd is None):
         raise UsageError("pass one of --fd=N (a listening socket) or --socket-path=PATH")
     out = ["serve", "--once", "--log-level", level]
-    out += ["--fd", fd] if fd is not None else ["--socket", socket]
+    if fd is not None:
+        out += ["--fd", fd]
+    else:
+        assert socket is not None  # just checked: exactly one of --fd, --socket-path
+        out += ["--socket", socket]
     if cache is not None:
         out += ["--cache", cache]
     if read_only:
