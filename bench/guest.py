@@ -10,7 +10,7 @@ The guest runs under TCG (see tests/guest/run.py: KVM hangs in early boot on
 these nested machines), so every figure includes instruction emulation; the
 ratio between the two backends is the point, not the absolute time.
 
-`python3 -m bench.guest` runs it alone and prints the figures.
+`python3 -m bench.guest [--rounds N]` runs it alone and prints the figures.
 """
 
 from __future__ import annotations
@@ -92,9 +92,17 @@ def run(work: Path, repeat: int, log) -> tuple[list[Target], list[dict], list[st
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternating rounds per backend; medians are reported (default 1)")
+    args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     work = Path(os.environ.get("ACTORFS_BENCH_DIR", "/var/tmp/actorfs-bench"))
     (work / "tmpfs").mkdir(parents=True, exist_ok=True)
-    ts, rows, ns = run(work, int(sys.argv[1]) if len(sys.argv) > 1 else 1, sys.stderr)
+    ts, rows, ns = run(work, args.rounds, sys.stderr)
     for row in rows:
         print(row["target"], row["workload"], row["figures"])
     print("\n".join(ns))
