@@ -512,7 +512,14 @@ async def serve_connection(config: FsConfig, sock: socket.socket, *,
                            tag: str | None = None, stats_interval: float = 0,
                            allow_unsealed_memory: bool = False,
                            on_connection: Callable[[Connection], None] | None = None) -> None:
-    """Serve one frontend until it disconnects, in a fresh FUSE session."""
+    """Serve one frontend until it disconnects, in a fresh FUSE session.
+
+    `config` is used as given. A DAX window reaches a frontend in another
+    process only with `dax_mapper="channel"` (what `virtiofs_config()` and
+    VhostUserServer set); an embedding VMM in this process may keep the
+    in-process mapper. A frontend asking for the backend channel of a window
+    configured otherwise is refused with a TypeError naming the fix.
+    """
     sock.setblocking(False)
     session: Session | None = None
     conn: Connection | None = None
