@@ -121,9 +121,12 @@ class QueueRunner:
         # a queue is started only by a kick fd (SET_VRING_KICK, SET_VRING_ENABLE).
         assert vq.kick_fd is not None
         self.kick_fd: int = vq.kick_fd
-        self.wake = asyncio.Event()
-        self.idle = asyncio.Event()
-        self.idle.set()
+        # A kick wakes the runner through one future, made only while it sleeps
+        # (asyncio.Event costs a future, a waiter list and two calls per kick).
+        self.kicked = False
+        self._sleeping: asyncio.Future[None] | None = None
+        # stop() waits for the in-flight replies through this, made only then.
+        self._drained: asyncio.Future[None] | None = None
         self.inflight = 0
         self.notify_pending = False
         self.bad_chains = 0
@@ -136,7 +139,7 @@ class QueueRunner:
             self.loop.add_reader(self.kick_fd, self._on_kick)
         except (OSError, ValueError) as exc:
             raise ValueError(f"queue {self.vq.index}: kick fd cannot be watched: {exc}") from None
-        self.wake.set()  # buffers may already be waiting (a restarted ring)
+        self.kicked = True  # buffers may already be waiting (a restarted ring)
         self.task = asyncio.create_task(self._run(), name=f"vhost-queue-{self.vq.index}")
 
     def _on_kick(self) -> None:
@@ -150,7 +153,10 @@ class QueueRunner:
         if not data:  # a pipe whose writer is gone: readable forever, never a kick again
             self._kick_fd_gone("end of file")
             return
-        self.wake.set()
+        self.kicked = True
+        sleeping = self._sleeping
+        if sleeping is not None and not sleeping.done():
+            sleeping.set_result(None)
 
     def _kick_fd_gone(self, why: str) -> None:
         log.warning("queue %d: kick fd at %s: the queue is stopped until it is set up again",
@@ -163,8 +169,13 @@ class QueueRunner:
     async def _run(self) -> None:
         vq = self.vq
         while True:
-            await self.wake.wait()
-            self.wake.clear()
+            if not self.kicked:
+                self._sleeping = self.loop.create_future()
+                try:
+                    await self._sleeping
+                finally:
+                    self._sleeping = None
+            self.kicked = False
             try:
                 # In batches: BATCH_CHAINS chains (malformed ones count) or BATCH_SECONDS,
                 # then the loop runs the control channel, the other queues and the
@@ -226,7 +237,6 @@ class QueueRunner:
             return
         generation = vq.generation
         self.inflight += 1
-        self.idle.clear()
         replied = False
 
         def send(iov: protocol.Iov) -> None:
@@ -245,7 +255,8 @@ class QueueRunner:
             self._complete(chain.head, written)
 
         try:
-            dispatcher = await self.conn.dispatcher_for(opcode)
+            conn = self.conn
+            dispatcher = conn.current_dispatcher(opcode) or await conn.dispatcher_for(opcode)
             await dispatcher.submit(frame, send)
         except asyncio.CancelledError:
             # The queue stops while the request waits (for a new session, or for room
@@ -271,8 +282,9 @@ class QueueRunner:
 
     def _request_done(self) -> None:
         self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
+        drained = self._drained
+        if self.inflight == 0 and drained is not None and not drained.done():
+            drained.set_result(None)
 
     def _complete(self, head: int, written: int) -> None:
         dropped = self.vq.dropped_pushes
@@ -305,7 +317,8 @@ class QueueRunner:
             await asyncio.wait([self.task])  # unlike `await task`, keeps our own cancellation
         if self.inflight:
             try:
-                await asyncio.wait_for(self.idle.wait(), DRAIN_TIMEOUT)
+                self._drained = self.loop.create_future()
+                await asyncio.wait_for(self._drained, DRAIN_TIMEOUT)
             except TimeoutError:
                 log.warning("queue %d: %d requests still in flight at stop", self.vq.index,
                             self.inflight)
@@ -339,6 +352,12 @@ class Connection:
         self.backend = VhostUserBackend(self, tag=tag, dax=dax_window is not None,
                                         allow_unsealed=allow_unsealed)
         self.dax_sockets: list[socket.socket] = []
+
+    def current_dispatcher(self, opcode: int) -> Dispatcher | None:
+        """The dispatcher, when no renewal is under way or could start (the hot path)."""
+        if opcode == protocol.FUSE_INIT or self._renewal is not None or self._renewing.locked():
+            return None
+        return self.dispatcher
 
     async def dispatcher_for(self, opcode: int) -> Dispatcher:
         """The dispatcher for a request; a second INIT starts a new FUSE session.
