@@ -59,6 +59,7 @@ from actorfs.runtime.core.attrs import (
 from actorfs.runtime.core.blocking_pool import close_all
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.host import syscalls
+from actorfs.runtime.host.fds import OwnedFd
 from actorfs.runtime.ops import creds, dirstream, follow
 from actorfs.runtime.ops.creds import Creds
 from actorfs.runtime.ops.filesystem import Filesystem
@@ -500,9 +501,10 @@ async def _make(
     fd, st = await _pool(
         fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, _proc_umask(), creds=_creator(fs, ctx)
     )
-    wfd = os.dup(fd) if kind == "dir" and fs.watcher is not None else -1
-    nodeid = await fs.inodes.register(parent, name, fd, st)
-    _watch(fs, nodeid, wfd, True)
+    # The watcher's dup is closed if the table refuses the entry (the inode cap).
+    with OwnedFd(os.dup(fd) if kind == "dir" and fs.watcher is not None else -1) as wfd:
+        nodeid = await fs.inodes.register(parent, name, fd, st)
+        _watch(fs, nodeid, wfd.release(), True)
     return _entry(fs, nodeid, st)
 
 

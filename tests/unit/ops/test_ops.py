@@ -455,3 +455,15 @@ async def test_destroy_resets_the_session(tmp_path):
         assert again.nodeid > e.nodeid
         await ops.forget(fs, again.nodeid, 1)
     assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
+
+
+async def test_mkdir_refused_at_the_inode_cap_leaks_no_watcher_fd(tmp_path):
+    # With the watcher on, mkdir dups the new directory's fd for it before the
+    # inode table registers the directory; a refusal (the inode cap) must close
+    # that dup too, as lookup does, not only the table's fd.
+    async with running(tmp_path, watch=True, max_inodes=2) as fs:
+        await ops.mkdir(fs, CTX, ROOT, b"a", 0o755)
+        before = set(os.listdir("/proc/self/fd"))
+        for name in (b"b", b"c", b"d"):
+            assert await errno_of(ops.mkdir(fs, CTX, ROOT, name, 0o755)) == errno.EMFILE
+        assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
