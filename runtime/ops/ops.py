@@ -501,8 +501,13 @@ async def _make(
     fd, st = await _pool(
         fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, _proc_umask(), creds=_creator(fs, ctx)
     )
+    try:
+        dup = os.dup(fd) if kind == "dir" and fs.watcher is not None else -1
+    except BaseException:
+        os.close(fd)  # not the table's yet
+        raise
     # The watcher's dup is closed if the table refuses the entry (the inode cap).
-    with OwnedFd(os.dup(fd) if kind == "dir" and fs.watcher is not None else -1) as wfd:
+    with OwnedFd(dup) as wfd:
         nodeid = await fs.inodes.register(parent, name, fd, st)
         _watch(fs, nodeid, wfd.release(), True)
     return _entry(fs, nodeid, st)
@@ -695,7 +700,11 @@ async def open(
         if kind == KIND_SYMLINK:
             os.close(ifd)
             raise FsError(errno.ELOOP)
-        wfd = os.dup(ifd) if fs.watcher is not None else -1
+        try:
+            wfd = os.dup(ifd) if fs.watcher is not None else -1
+        except BaseException:
+            os.close(ifd)  # not the pool's yet
+            raise
         try:
             fd, st = await _pool(fs, (ifd,), _job_reopen_stat, ifd, oflags, kill_gid, creds=c)
         except BaseException:
@@ -773,7 +782,12 @@ async def create(
         fs, (pfd,), _job_create, pfd, name, fmode, oflags, _proc_umask(),
         _kill_gid(c, ctx.gid) if open_flags & FUSE_OPEN_KILL_SUIDGID else -1, creds=c,
     )
-    wfd = os.dup(ifd) if fs.watcher is not None else -1
+    try:
+        wfd = os.dup(ifd) if fs.watcher is not None else -1
+    except BaseException:
+        os.close(fd)
+        os.close(ifd)  # not the table's yet
+        raise
     try:
         nodeid = await fs.inodes.register(parent, name, ifd, st, pin=True)
     except BaseException:

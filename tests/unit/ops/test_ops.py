@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 
 import pytest
 
@@ -467,3 +468,32 @@ async def test_mkdir_refused_at_the_inode_cap_leaks_no_watcher_fd(tmp_path):
         for name in (b"b", b"c", b"d"):
             assert await errno_of(ops.mkdir(fs, CTX, ROOT, name, 0o755)) == errno.EMFILE
         assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
+
+
+@pytest.mark.parametrize("op", ["open", "create", "mkdir"])
+async def test_a_failed_watcher_dup_leaks_no_fd(tmp_path, monkeypatch, op):
+    # Under fd pressure (EMFILE, which the dispatcher answers by evicting and
+    # running the op again) the dup for the watcher can fail: the fd it dups,
+    # not yet handed to a pool job or the inode table, must be closed.
+    (tmp_path / "f").write_text("x")
+    async with running(tmp_path, watch=True) as fs:
+        e = await ops.lookup(fs, CTX, ROOT, b"f")
+        real_dup = os.dup
+
+        def dup(fd):
+            if sys._getframe(1).f_globals.get("__name__") == ops.__name__:
+                raise OSError(errno.EMFILE, "out of fds (test)")
+            return real_dup(fd)
+
+        before = set(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(os, "dup", dup)
+        if op == "open":
+            coro = ops.open(fs, CTX, e.nodeid, os.O_RDONLY)
+        elif op == "create":
+            coro = ops.create(fs, CTX, ROOT, b"new", 0o644, os.O_RDWR)
+        else:
+            coro = ops.mkdir(fs, CTX, ROOT, b"dir", 0o755)
+        assert await errno_of(coro) == errno.EMFILE
+        monkeypatch.setattr(os, "dup", real_dup)
+        assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
+        assert (await fs.inodes.counts())["fds_pinned"] == 0
