@@ -7,7 +7,9 @@ joined path. A file is (re)opened through its O_PATH fd via /proc/self/fd,
 which names the object itself, not a path that can be swapped.
 
 Pool jobs (the `_job_*` functions) run in a thread and own the fds they are
-given (the pool closes them when the job ends). Errors are OSError (host
+given (the pool closes them when the job ends). Until an fd is handed on (to a
+pool job, the inode or handle table, the watcher, or the caller) an `OwnedFd`
+holds it (runtime/host/fds.py): closed on any exception, cancellation included. Errors are OSError (host
 errno) or FsError (Linux errno); the dispatcher turns either into -errno.
 """
 
@@ -110,11 +112,10 @@ def _job_lookup(
     pfd: int, name: bytes, policy: str, root: bytes, want_dup: bool
 ) -> tuple[int, os.stat_result, int]:
     """O_PATH fd + stat for parent/name under the symlink policy."""
-    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
-    try:
+    with OwnedFd(os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)) as fd:
         if policy == "follow":  # never stat one of our own mounts (ELOOP)
-            follow.check_mount(fd, follow.mnt_id(pfd))
-        st = os.fstat(fd)
+            follow.check_mount(fd.fd, follow.mnt_id(pfd))
+        st = os.fstat(fd.fd)
         if stat.S_ISLNK(st.st_mode):
             if policy == "follow":
                 # The client sees the target (lstat fallback when broken),
@@ -124,20 +125,16 @@ def _job_lookup(
                 except OSError:
                     pass
                 else:
-                    os.close(fd)
-                    fd = tfd
-                    st = os.fstat(fd)
-            elif policy == "deny" and _leaves_root(pfd, fd, root):
+                    fd.replace(tfd)
+                    st = os.fstat(fd.fd)
+            elif policy == "deny" and _leaves_root(pfd, fd.fd, root):
                 raise FsError(errno.EACCES, "symlink points outside the root")
             # opaque: a link is an object like any other, whatever its target
             # says. The server never follows one (every object is reached
             # through an O_PATH fd beneath the root), so the text leads the
             # server nowhere; the client resolves it in its own namespace.
-        dup = os.dup(fd) if want_dup and stat.S_ISDIR(st.st_mode) else -1
-        return fd, st, dup
-    except BaseException:
-        os.close(fd)
-        raise
+        dup = os.dup(fd.fd) if want_dup and stat.S_ISDIR(st.st_mode) else -1
+        return fd.release(), st, dup
 
 
 def _leaves_root(pfd: int, fd: int, root: bytes) -> bool:
@@ -268,14 +265,11 @@ def _job_make(
         os.mknod(name, mode, rdev, dir_fd=pfd)
     else:
         os.symlink(target, name, dir_fd=pfd)
-    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
-    try:
+    with OwnedFd(os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)) as fd:
         if kind != "symlink":
-            _fix_mode(fd, mode, umask_proc, kind)
-        return fd, os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
+            _fix_mode(fd.fd, mode, umask_proc, kind)
+        st = os.fstat(fd.fd)
+        return fd.release(), st
 
 
 def _job_create(
@@ -292,18 +286,11 @@ def _job_create(
             raise
         created = False
         fd = _open_existing(pfd, name, base, kill_gid if flags & os.O_TRUNC else -1)
-    try:
-        pfd2 = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
-        try:
-            if created:  # fd is the file O_EXCL made: no check needed
-                _fix_mode(pfd2, stat.S_IFREG | mode, umask_proc, "node")
-            return fd, pfd2, os.fstat(pfd2)
-        except BaseException:
-            os.close(pfd2)
-            raise
-    except BaseException:
-        os.close(fd)
-        raise
+    with OwnedFd(fd) as opened, OwnedFd(os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)) as opath:
+        if created:  # fd is the file O_EXCL made: no check needed
+            _fix_mode(opath.fd, stat.S_IFREG | mode, umask_proc, "node")
+        st = os.fstat(opath.fd)
+        return opened.release(), opath.release(), st
 
 
 def _job_lookup_many(
@@ -408,22 +395,25 @@ def _watch(fs: Filesystem, nodeid: int, fd: int, is_dir: bool) -> None:
     w.watch(nodeid, fd, is_dir)
 
 
+async def _dir_fd(fs: Filesystem, nodeid: int) -> int:
+    """A dup of a directory inode's O_PATH fd, owned by the caller; ENOTDIR
+    (nothing held) for any other kind."""
+    fd, kind = await fs.inodes.dup_fd(nodeid)
+    if kind != KIND_DIR:
+        os.close(fd)
+        raise FsError(errno.ENOTDIR)
+    return fd
+
+
 async def lookup(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> Entry:
     check_name(name)
-    pfd, pkind = await fs.inodes.dup_fd(parent)
-    if pkind != KIND_DIR:
-        os.close(pfd)
-        raise FsError(errno.ENOTDIR)
-    fd, st, wfd = await _pool(
+    pfd = await _dir_fd(fs, parent)
+    fd, st, dup = await _pool(
         fs, (pfd,), _job_lookup, pfd, name, fs.config.symlinks, fs.inodes.root, fs.watcher is not None
     )
-    try:
+    with OwnedFd(dup) as wfd:  # the table adopts fd (or closes it); wfd goes to the watcher
         nodeid = await fs.inodes.register(parent, name, fd, st)
-    except BaseException:
-        if wfd >= 0:
-            os.close(wfd)
-        raise
-    _watch(fs, nodeid, wfd, True)
+        _watch(fs, nodeid, wfd.release(), True)
     return _entry(fs, nodeid, st)
 
 
@@ -457,11 +447,9 @@ async def setattr(fs: Filesystem, ctx: RequestContext, nodeid: int, s: SetattrAr
     ifd, kind = await fs.inodes.dup_fd(nodeid)
     fds: tuple[int, ...]
     if s.valid & FATTR_FH:
-        try:
+        with OwnedFd(ifd) as owned:
             hfd = await fs.handles.dup_fd(s.fh, want_dir=None)
-        except BaseException:
-            os.close(ifd)
-            raise
+            owned.release()
         fds, fd, is_handle = (ifd, hfd), hfd, True
     else:
         fds, fd, is_handle = (ifd,), ifd, False
@@ -494,22 +482,15 @@ async def _make(
 ) -> Entry:
     _ro(fs)
     check_name(name)
-    pfd, pkind = await fs.inodes.dup_fd(parent)
-    if pkind != KIND_DIR:
-        os.close(pfd)
-        raise FsError(errno.ENOTDIR)
+    pfd = await _dir_fd(fs, parent)
     fd, st = await _pool(
         fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, _proc_umask(), creds=_creator(fs, ctx)
     )
-    try:
-        dup = os.dup(fd) if kind == "dir" and fs.watcher is not None else -1
-    except BaseException:
-        os.close(fd)  # not the table's yet
-        raise
-    # The watcher's dup is closed if the table refuses the entry (the inode cap).
-    with OwnedFd(dup) as wfd:
-        nodeid = await fs.inodes.register(parent, name, fd, st)
-        _watch(fs, nodeid, wfd.release(), True)
+    # The table adopts fd (or closes it: the inode cap); wfd goes to the watcher.
+    with OwnedFd(fd) as owned:
+        with OwnedFd(os.dup(fd) if kind == "dir" and fs.watcher is not None else -1) as wfd:
+            nodeid = await fs.inodes.register(parent, name, owned.release(), st)
+            _watch(fs, nodeid, wfd.release(), True)
     return _entry(fs, nodeid, st)
 
 
@@ -600,8 +581,9 @@ def _job_link(sfd: int, nfd: int, newname: bytes) -> tuple[int, os.stat_result]:
     if stat.S_ISDIR(os.fstat(sfd).st_mode):
         raise FsError(errno.EPERM)
     os.link(proc_fd(sfd), newname, dst_dir_fd=nfd, follow_symlinks=True)
-    fd = os.open(newname, O_PATH_NOFOLLOW, dir_fd=nfd)
-    return fd, os.fstat(fd)
+    with OwnedFd(os.open(newname, O_PATH_NOFOLLOW, dir_fd=nfd)) as fd:
+        st = os.fstat(fd.fd)
+        return fd.release(), st
 
 
 def _open_flags(fs: Filesystem, flags: int) -> int:
@@ -694,24 +676,16 @@ async def open(
     # pin: an inode with an open handle keeps its O_PATH fd (actors/inode_table.py).
     ifd, kind = await fs.inodes.dup_fd(nodeid, pin=True)
     try:
-        if kind == KIND_DIR:
-            os.close(ifd)
-            raise FsError(errno.EISDIR)
-        if kind == KIND_SYMLINK:
-            os.close(ifd)
-            raise FsError(errno.ELOOP)
-        try:
-            wfd = os.dup(ifd) if fs.watcher is not None else -1
-        except BaseException:
-            os.close(ifd)  # not the pool's yet
-            raise
-        try:
-            fd, st = await _pool(fs, (ifd,), _job_reopen_stat, ifd, oflags, kill_gid, creds=c)
-        except BaseException:
-            if wfd >= 0:
-                os.close(wfd)
-            raise
-        _watch(fs, nodeid, wfd, False)
+        with OwnedFd(ifd) as owned:
+            if kind == KIND_DIR:
+                raise FsError(errno.EISDIR)
+            if kind == KIND_SYMLINK:
+                raise FsError(errno.ELOOP)
+            with OwnedFd(os.dup(ifd) if fs.watcher is not None else -1) as wfd:
+                fd, st = await _pool(
+                    fs, (owned.release(),), _job_reopen_stat, ifd, oflags, kill_gid, creds=c
+                )
+                _watch(fs, nodeid, wfd.release(), False)
         return await _opened(fs, fd, nodeid, oflags, st)
     except BaseException:
         await fs.inodes.unpin(nodeid)
@@ -723,23 +697,17 @@ def _set_id(st: os.stat_result) -> bool:
 
 
 def _job_reopen_stat(ifd: int, flags: int, kill_gid: int = -1) -> tuple[int, os.stat_result]:
-    fd = _reopen(ifd, flags, kill_gid)
-    try:
-        return fd, os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
+    with OwnedFd(_reopen(ifd, flags, kill_gid)) as fd:
+        st = os.fstat(fd.fd)
+        return fd.release(), st
 
 
 def _open_existing(pfd: int, name: bytes, flags: int, kill_gid: int = -1) -> int:
     """open(2) of parent/name that never opens a symlink or a special file."""
-    ifd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
-    try:
+    with OwnedFd(os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)) as ifd:
         # O_NOFOLLOW would refuse the /proc/self/fd magic link itself (ELOOP);
         # the O_PATH open above already refused a symlink.
-        return _reopen(ifd, flags & ~os.O_NOFOLLOW, kill_gid)
-    finally:
-        os.close(ifd)
+        return _reopen(ifd.fd, flags & ~os.O_NOFOLLOW, kill_gid)
 
 
 def _reopen(ifd: int, flags: int, kill_gid: int = -1) -> int:
@@ -757,11 +725,9 @@ def _reopen(ifd: int, flags: int, kill_gid: int = -1) -> int:
             raise
         fd = os.open(proc_fd(ifd), flags & ~os.O_NOATIME)  # O_NOATIME needs ownership
     if kill_gid >= 0:  # an O_TRUNC open by an unprivileged process (KILLPRIV_V2)
-        try:
+        with OwnedFd(fd) as owned:
             _kill_suidgid(fd, kill_gid)
-        except BaseException:
-            os.close(fd)
-            raise
+            owned.release()
     return fd
 
 
@@ -772,30 +738,19 @@ async def create(
     _ro(fs)
     check_name(name)
     oflags = _open_flags(fs, flags) | (flags & os.O_EXCL)
-    pfd, pkind = await fs.inodes.dup_fd(parent)
-    if pkind != KIND_DIR:
-        os.close(pfd)
-        raise FsError(errno.ENOTDIR)
+    pfd = await _dir_fd(fs, parent)
     fmode = (mode & ~umask) & 0o7777
     c = _creator(fs, ctx)
     fd, ifd, st = await _pool(
         fs, (pfd,), _job_create, pfd, name, fmode, oflags, _proc_umask(),
         _kill_gid(c, ctx.gid) if open_flags & FUSE_OPEN_KILL_SUIDGID else -1, creds=c,
     )
-    try:
-        wfd = os.dup(ifd) if fs.watcher is not None else -1
-    except BaseException:
-        os.close(fd)
-        os.close(ifd)  # not the table's yet
-        raise
-    try:
-        nodeid = await fs.inodes.register(parent, name, ifd, st, pin=True)
-    except BaseException:
-        os.close(fd)
-        if wfd >= 0:
-            os.close(wfd)
-        raise
-    _watch(fs, nodeid, wfd, False)
+    # The table adopts ifd (or closes it); fd goes to a handle, wfd to the watcher.
+    with OwnedFd(fd) as owned, OwnedFd(ifd) as opath:
+        with OwnedFd(os.dup(ifd) if fs.watcher is not None else -1) as wfd:
+            nodeid = await fs.inodes.register(parent, name, opath.release(), st, pin=True)
+            _watch(fs, nodeid, wfd.release(), False)
+        owned.release()
     try:
         opened = await _opened(fs, fd, nodeid, oflags, st)
     except BaseException:
@@ -854,10 +809,10 @@ async def fsync(fs: Filesystem, ctx: RequestContext, nodeid: int, fh: int, datas
 async def opendir(fs: Filesystem, ctx: RequestContext, nodeid: int, flags: int = 0) -> Opened:
     ifd, kind = await fs.inodes.dup_fd(nodeid, pin=True)
     try:
-        if kind != KIND_DIR:
-            os.close(ifd)
-            raise FsError(errno.ENOTDIR)
-        fd = await _pool(fs, (ifd,), os.open, proc_fd(ifd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with OwnedFd(ifd) as owned:
+            if kind != KIND_DIR:
+                raise FsError(errno.ENOTDIR)
+            fd = await _pool(fs, (owned.release(),), os.open, proc_fd(ifd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fh = await fs.handles.add(fd, nodeid, True)
     except BaseException:
         await fs.inodes.unpin(nodeid)
@@ -1029,11 +984,9 @@ async def copy_file_range(
     if flags:
         raise FsError(errno.EINVAL)
     fin = await fs.handles.dup_fd(fh_in, want_dir=False)
-    try:
+    with OwnedFd(fin) as owned:
         fout = await fs.handles.dup_fd(fh_out, want_dir=False)
-    except BaseException:
-        os.close(fin)
-        raise
+        owned.release()
     return await _pool(fs, (fin, fout), os.copy_file_range, fin, fout, min(length, MAX_IO), off_in, off_out)
 
 
