@@ -57,6 +57,7 @@ from actorfs.runtime.core.abi import FUSE_ROOT_ID
 from actorfs.runtime.core.actor import Actor
 from actorfs.runtime.core.errno_map import FsError
 from actorfs.runtime.host import syscalls
+from actorfs.runtime.host.fds import OwnedFd
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK, KIND_OTHER = 0, 1, 2, 3
 
@@ -347,13 +348,9 @@ class InodeTable(Actor):
 
     def _dup_two(self, a: int, b: int) -> tuple[int, int]:
         ia, ib = self._get(a), self._get(b)
-        fa = self._dup(ia)
-        try:
+        with OwnedFd(self._dup(ia)) as fa:
             fb = self._dup(ib)
-        except BaseException:
-            os.close(fa)
-            raise
-        return fa, fb
+            return fa.release(), fb
 
     def _dup(self, ino: Inode) -> int:
         """A dup of the inode's fd (reopened if evicted), owned by the caller."""
@@ -787,12 +784,13 @@ class InodeTable(Actor):
         it is: the dispatcher makes room and retries; evicting here could close
         the fds of the walk itself)."""
         try:
-            fd = syscalls.openat2(pfd, name, _O_PATH_NOFOLLOW, _RESOLVE_ONE)
-            if self.follow and node.kind != KIND_SYMLINK and stat.S_ISLNK(os.fstat(fd).st_mode):
-                # --symlinks follow served the link's target under this name.
-                os.close(fd)
-                fd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd)
-            return fd
+            with OwnedFd(syscalls.openat2(pfd, name, _O_PATH_NOFOLLOW, _RESOLVE_ONE)) as fd:
+                if self.follow and node.kind != KIND_SYMLINK and stat.S_ISLNK(os.fstat(fd.fd).st_mode):
+                    # --symlinks follow served the link's target under this name
+                    # (the link's fd closed first: one fd fewer under fd pressure).
+                    fd.close()
+                    fd.replace(os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=pfd))
+                return fd.release()
         except OSError as e:
             if e.errno in _OUT_OF_FDS:
                 raise
