@@ -39,6 +39,7 @@ import stat
 import threading
 
 from actorfs.runtime.core.errno_map import FsError
+from actorfs.runtime.host.fds import OwnedFd
 
 MAXSYMLINKS = 40  # as the kernel's path walk
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -126,51 +127,34 @@ def open_target(pfd: int, name: bytes) -> int:
     failure (broken, looping, not permitted)."""
     comps = [name]
     links = 0
-    cur = os.dup(pfd)
-    try:
-        cur_mid = mnt_id(cur)
-        result = -1
+    with OwnedFd(os.dup(pfd)) as cur:  # the directory the walk is in
+        cur_mid = mnt_id(cur.fd)
         while comps:
             c = comps.pop(0)
             if c in (b"", b"."):
-                if not comps:
-                    result, cur = cur, -1
+                if not comps:  # the walk ended on a directory ("x/" or "x/.")
+                    return cur.release()
                 continue
-            fd = os.open(c, O_PATH_NOFOLLOW, dir_fd=cur)
-            try:
-                mid = check_mount(fd, cur_mid)
-                st = os.fstat(fd)  # safe: not one of our mounts
+            with OwnedFd(os.open(c, O_PATH_NOFOLLOW, dir_fd=cur.fd)) as fd:
+                mid = check_mount(fd.fd, cur_mid)
+                st = os.fstat(fd.fd)  # safe: not one of our mounts
                 if stat.S_ISLNK(st.st_mode):
                     links += 1
                     if links > MAXSYMLINKS:
                         raise OSError(errno.ELOOP, "too many levels of symbolic links")
-                    target = os.fsencode(os.readlink("", dir_fd=fd))
+                    target = os.fsencode(os.readlink("", dir_fd=fd.fd))
                     if not target:
                         raise OSError(errno.ENOENT, "empty symlink")
                     if target.startswith(b"/"):
-                        top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                        try:
-                            top_mid = check_mount(top, None)
-                        except BaseException:
-                            os.close(top)
-                            raise
-                        os.close(cur)
-                        cur, cur_mid = top, top_mid
+                        with OwnedFd(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) as top:
+                            cur_mid = check_mount(top.fd, None)
+                            cur.replace(top.release())
                     comps = target.split(b"/") + comps
-                    continue  # (fd is closed below)
+                    continue  # (the link's fd is closed on the way out)
                 if not comps:
-                    result, fd = fd, -1
-                    break
+                    return fd.release()
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, "not a directory")
-                os.close(cur)
-                cur, cur_mid, fd = fd, mid, -1
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-        if result < 0:  # the walk ended on a directory ("x/" or "x/.")
-            result, cur = cur, -1
-        return result
-    finally:
-        if cur >= 0:
-            os.close(cur)
+                cur.replace(fd.release())
+                cur_mid = mid
+        return cur.release()  # (not reached: the last component returns above)

@@ -15,6 +15,7 @@ import os
 
 from actorfs.actors.inode_table import SnapshotError, SnapshotTruncated, kind_of_mode
 from actorfs.runtime.core.abi import FUSE_ROOT_ID
+from actorfs.runtime.host.fds import OwnedFd
 from actorfs.runtime.ops.filesystem import Filesystem
 
 __all__ = ["SnapshotError", "SnapshotTruncated", "restore", "snapshot"]
@@ -34,18 +35,16 @@ def _reopen_beneath(root_fd: int, root: bytes, path: bytes) -> tuple[int, os.sta
     parts = path[len(prefix) :].split(b"/")
     if any(p in (b"", b".", b"..") for p in parts):
         return None
-    fd = os.dup(root_fd)
-    try:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
-            nfd = os.open(part, flags, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        return fd, os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        return None
+    with OwnedFd(os.dup(root_fd)) as fd:
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
+                fd.replace(os.open(part, flags, dir_fd=fd.fd))
+            st = os.fstat(fd.fd)
+        except OSError:
+            return None
+        return fd.release(), st
 
 
 def _reopen_all(
