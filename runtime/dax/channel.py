@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from actorfs.actors.dax import FileRef, Mapping, Prepared, _identity_of
+from actorfs.runtime.host.fds import OwnedFd
 from actorfs.runtime.host.shm_view import (
     MAP_SHARED,
     PROT_READ,
@@ -193,14 +194,11 @@ class ChannelMapper:
     # -- blocking pool -------------------------------------------------------
     def prepare(self, fd: int, foffset: int, length: int, writable: bool) -> Prepared:
         """Check here that the host can map it (the errno the guest should get); keep fd."""
-        try:
+        with OwnedFd(fd) as owned:
             identity = _identity_of(fd)
             prot = PROT_READ | (PROT_WRITE if writable else 0)
             munmap(mmap_at(None, length, prot, MAP_SHARED, fd, foffset), length)
-        except BaseException:
-            os.close(fd)
-            raise
-        return Prepared(identity, length, None, fd)
+            return Prepared(identity, length, None, owned.release())
 
     # -- actor task: collect steps, send them in order on commit ---------------
     def install(self, m: Mapping, prepared: Prepared | None) -> None:
