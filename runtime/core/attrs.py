@@ -86,6 +86,15 @@ class Entry:
     attr_valid: float  # seconds
 
 
+@dataclass(frozen=True, slots=True)
+class NegativeEntry:
+    """LOOKUP's "no such name, and the client may cache that for `entry_valid`
+    seconds" (on the wire a fuse_entry_out with nodeid 0). It adds no lookup
+    and names no inode: there is deliberately no nodeid to use by mistake."""
+
+    entry_valid: float  # seconds
+
+
 @dataclass(slots=True)
 class StatFs:
     """struct fuse_kstatfs."""

@@ -37,8 +37,6 @@ from typing import TypeAlias, TypedDict, TypeVar, cast
 from actorfs.runtime.core import eager
 from actorfs.runtime.core.abi import MAX_TRANSFER
 from actorfs.runtime.core.attrs import (
-    Attr,
-    Entry,
     Opened,
     RequestContext,
     SetattrArgs,
@@ -151,8 +149,6 @@ ENOSYS_OPCODES = frozenset(
         P.FUSE_STATX,
     }
 )
-
-_NO_ATTR = Attr(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 # Pseudo-opcodes for stats of frames that never reached an op.
 STAT_INVALID = -1
@@ -713,17 +709,8 @@ class Dispatcher:
         return opened
 
     async def _lookup(self, r: P.Lookup) -> P.Iov:
-        try:
-            e = await self.ops.lookup(self.fs, self._ctx(r), r.h.nodeid, r.name)
-        except (FsError, OSError) as exc:
-            timeout = self.fs.config.entry_timeout
-            if timeout <= 0 or linux_errno_of(exc) != errno.ENOENT:
-                raise
-            # A negative entry (nodeid 0): the kernel caches "no such name" for
-            # the entry timeout instead of asking again on every miss (PATH
-            # searches, build tools probing). The watcher invalidates it when the
-            # name appears on the host.
-            e = Entry(0, 0, _NO_ATTR, timeout, 0.0)
+        # A miss may be a NegativeEntry (the op layer decides when: ops.lookup).
+        e = await self.ops.lookup(self.fs, self._ctx(r), r.h.nodeid, r.name)
         return P.reply_entry(r.h.unique, e)
 
     async def _forget(self, r: P.Forget) -> None:

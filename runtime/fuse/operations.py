@@ -23,6 +23,7 @@ from actorfs.runtime.core.attrs import (
     DirEntry,
     DirEntryPlus,
     Entry,
+    NegativeEntry,
     Opened,
     RequestContext,
     SetattrArgs,
@@ -35,7 +36,9 @@ from actorfs.runtime.ops.filesystem import Filesystem
 class Operations(Protocol):
     """The FUSE operations of runtime/ops/ops.py (nodeids as the kernel names them)."""
 
-    async def lookup(self, fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> Entry: ...
+    async def lookup(
+        self, fs: Filesystem, ctx: RequestContext, parent: int, name: bytes
+    ) -> Entry | NegativeEntry: ...
 
     async def forget(self, fs: Filesystem, nodeid: int, nlookup: int) -> None: ...
 

@@ -26,7 +26,15 @@ from operator import attrgetter
 from typing import Any, ClassVar, TypeAlias
 
 from actorfs.runtime.core import abi as _abi
-from actorfs.runtime.core.attrs import Attr, DirEntry, DirEntryPlus, Entry, Opened, StatFs
+from actorfs.runtime.core.attrs import (
+    Attr,
+    DirEntry,
+    DirEntryPlus,
+    Entry,
+    NegativeEntry,
+    Opened,
+    StatFs,
+)
 
 # -- versions and constants -------------------------------------------------
 
@@ -1331,6 +1339,9 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return got
 
 
+_NO_ATTR_VALUES: tuple[int, ...] = (0,) * len(LAYOUT["fuse_attr"].fields)  # a zeroed fuse_attr
+
+
 def _entry_values(e: Entry) -> tuple[int, ...]:
     ev, evn = split_timeout(e.entry_valid)
     av, avn = split_timeout(e.attr_valid)
@@ -1356,7 +1367,11 @@ def reply_data(unique: int, data: bytes | bytearray | memoryview) -> Iov:
     return [_OUT_HEADER.pack(OUT_HEADER_SIZE + n, 0, unique), data]
 
 
-def reply_entry(unique: int, entry: Entry) -> Iov:
+def reply_entry(unique: int, entry: Entry | NegativeEntry) -> Iov:
+    if isinstance(entry, NegativeEntry):
+        # nodeid 0: the kernel keeps a negative dentry for entry_valid.
+        ev, evn = split_timeout(entry.entry_valid)
+        return [_R_ENTRY.pack(_R_ENTRY.size, 0, unique, 0, 0, ev, 0, evn, 0, *_NO_ATTR_VALUES)]
     return [_R_ENTRY.pack(_R_ENTRY.size, 0, unique, *_entry_values(entry))]
 
 

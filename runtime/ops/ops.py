@@ -52,6 +52,7 @@ from actorfs.runtime.core.attrs import (
     DirEntry,
     DirEntryPlus,
     Entry,
+    NegativeEntry,
     Opened,
     RequestContext,
     SetattrArgs,
@@ -59,7 +60,7 @@ from actorfs.runtime.core.attrs import (
     XattrReply,
 )
 from actorfs.runtime.core.blocking_pool import close_all
-from actorfs.runtime.core.errno_map import FsError
+from actorfs.runtime.core.errno_map import FsError, linux_errno_of
 from actorfs.runtime.host import syscalls
 from actorfs.runtime.host.fds import OwnedFd
 from actorfs.runtime.ops import creds, dirstream, follow
@@ -405,12 +406,26 @@ async def _dir_fd(fs: Filesystem, nodeid: int) -> int:
     return fd
 
 
-async def lookup(fs: Filesystem, ctx: RequestContext, parent: int, name: bytes) -> Entry:
+async def lookup(
+    fs: Filesystem, ctx: RequestContext, parent: int, name: bytes
+) -> Entry | NegativeEntry:
+    """The entry for parent/name. A name the host does not have is a
+    NegativeEntry when the client caches entries (entry_timeout > 0): the
+    kernel then keeps "no such name" for the entry timeout instead of asking
+    again on every miss (PATH searches, build tools probing); the watcher
+    invalidates it when the name appears on the host. Without entry caching,
+    and for an unknown parent, it is ENOENT."""
     check_name(name)
     pfd = await _dir_fd(fs, parent)
-    fd, st, dup = await _pool(
-        fs, (pfd,), _job_lookup, pfd, name, fs.config.symlinks, fs.inodes.root, fs.watcher is not None
-    )
+    try:
+        fd, st, dup = await _pool(
+            fs, (pfd,), _job_lookup, pfd, name, fs.config.symlinks, fs.inodes.root, fs.watcher is not None
+        )
+    except (OSError, FsError) as exc:
+        timeout = fs.config.entry_timeout
+        if timeout > 0 and linux_errno_of(exc) == errno.ENOENT:
+            return NegativeEntry(timeout)
+        raise
     with OwnedFd(dup) as wfd:  # the table adopts fd (or closes it); wfd goes to the watcher
         nodeid = await fs.inodes.register(parent, name, fd, st)
         _watch(fs, nodeid, wfd.release(), True)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actorfs.runtime.core.attrs import NegativeEntry
 from actorfs.runtime.core.errno_map import linux_errno_of
 from tests.support.helpers_fs import CTX, ROOT, ops, running
 
@@ -151,6 +152,8 @@ class Served:
 
     async def lookup(self, parent, name):
         e = await ops.lookup(self.fs, CTX, parent, os.fsencode(name))
+        if isinstance(e, NegativeEntry):  # a miss the client may cache: what ENOENT is natively
+            raise OSError(errno.ENOENT, "negative entry")
         self.count(e.nodeid)
         return e
 

@@ -18,7 +18,7 @@ from actorfs.runtime.core.abi import (
     FOPEN_KEEP_CACHE,
     direntplus_size,
 )
-from actorfs.runtime.core.attrs import RequestContext, SetattrArgs, XattrReply
+from actorfs.runtime.core.attrs import Entry, NegativeEntry, RequestContext, SetattrArgs, XattrReply
 from actorfs.runtime.host.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 from tests.support.helpers_fs import CTX, ROOT, errno_of, ops, running
 
@@ -218,7 +218,7 @@ async def test_unlink_and_rmdir_update_the_name_cache(tmp_path):
         await ops.write(fs, CTX, f.nodeid, o.fh, 0, b"still here")
         assert await ops.read(fs, CTX, f.nodeid, o.fh, 0, 100) == b"still here"
         assert (await ops.getattr(fs, CTX, f.nodeid)).nlink == 0
-        assert await errno_of(ops.lookup(fs, CTX, ROOT, b"f")) == errno.ENOENT
+        assert await ops.lookup(fs, CTX, ROOT, b"f") == NegativeEntry(1.0)  # a miss
         assert await errno_of(ops.unlink(fs, CTX, ROOT, b"f")) == errno.ENOENT
 
 
@@ -497,3 +497,31 @@ async def test_a_failed_watcher_dup_leaks_no_fd(tmp_path, monkeypatch, op):
         monkeypatch.setattr(os, "dup", real_dup)
         assert set(os.listdir("/proc/self/fd")) <= before  # no new fd
         assert (await fs.inodes.counts())["fds_pinned"] == 0
+
+
+@pytest.mark.parametrize("cache,timeout", [("auto", 1.0), ("always", 86400.0), ("never", 0.0)])
+async def test_a_missing_name_is_a_negative_entry_for_the_entry_timeout(tmp_path, cache, timeout):
+    # The op layer decides: a miss the client may cache is a NegativeEntry that
+    # lasts the entry timeout; without entry caching, ENOENT.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    async with running(tmp_path, cache=cache) as fs:
+        d = await ops.lookup(fs, CTX, ROOT, b"d")
+        for parent, name in ((ROOT, b"missing"), (d.nodeid, b"nor-here")):
+            if timeout:
+                neg = await ops.lookup(fs, CTX, parent, name)
+                assert neg == NegativeEntry(timeout) and neg.entry_valid == fs.config.entry_timeout
+                assert not hasattr(neg, "nodeid")  # nothing to count or forget
+            else:
+                assert await errno_of(ops.lookup(fs, CTX, parent, name)) == errno.ENOENT
+        # A miss adds no lookup and no inode; other errors stay errors.
+        assert (await fs.inodes.counts())["lookups"] == 2  # the root's and d's
+        assert await errno_of(ops.lookup(fs, CTX, 12345, b"x")) == errno.ENOENT  # unknown parent
+        f = await ops.lookup(fs, CTX, ROOT, b"f")
+        assert await errno_of(ops.lookup(fs, CTX, f.nodeid, b"x")) == errno.ENOTDIR
+        assert await errno_of(ops.lookup(fs, CTX, ROOT, b"a/b")) == errno.EINVAL
+        # READDIRPLUS never meets a miss as an entry: a name gone meanwhile is a plain dirent.
+        h = await ops.opendir(fs, CTX, ROOT)
+        plus = await ops.readdirplus(fs, CTX, ROOT, h.fh, 0, 1 << 16)
+        await ops.releasedir(fs, CTX, ROOT, h.fh)
+        assert plus and all(type(p.entry) is Entry for p in plus)
