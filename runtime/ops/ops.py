@@ -396,10 +396,10 @@ def _watch(fs: Filesystem, nodeid: int, fd: int, is_dir: bool) -> None:
     w.watch(nodeid, fd, is_dir)
 
 
-async def _dir_fd(fs: Filesystem, nodeid: int) -> int:
-    """A dup of a directory inode's O_PATH fd, owned by the caller; ENOTDIR
-    (nothing held) for any other kind."""
-    fd, kind = await fs.inodes.dup_fd(nodeid)
+def _dir_only(dup: tuple[int, int]) -> int:
+    """The fd of an inodes.dup_fd() result (fd, kind) when it is a directory's;
+    for any other kind the fd is closed and the error is ENOTDIR."""
+    fd, kind = dup
     if kind != KIND_DIR:
         os.close(fd)
         raise FsError(errno.ENOTDIR)
@@ -416,7 +416,7 @@ async def lookup(
     invalidates it when the name appears on the host. Without entry caching,
     and for an unknown parent, it is ENOENT."""
     check_name(name)
-    pfd = await _dir_fd(fs, parent)
+    pfd = _dir_only(await fs.inodes.dup_fd(parent))
     try:
         fd, st, dup = await _pool(
             fs, (pfd,), _job_lookup, pfd, name, fs.config.symlinks, fs.inodes.root, fs.watcher is not None
@@ -426,7 +426,10 @@ async def lookup(
         if timeout > 0 and linux_errno_of(exc) == errno.ENOENT:
             return NegativeEntry(timeout)
         raise
-    with OwnedFd(dup) as wfd:  # the table adopts fd (or closes it); wfd goes to the watcher
+    # The table adopts fd (or closes it); a directory's dup goes to the watcher.
+    if dup < 0:  # (no dup: the hot path pays for no OwnedFd)
+        return _entry(fs, await fs.inodes.register(parent, name, fd, st), st)
+    with OwnedFd(dup) as wfd:
         nodeid = await fs.inodes.register(parent, name, fd, st)
         _watch(fs, nodeid, wfd.release(), True)
     return _entry(fs, nodeid, st)
@@ -497,7 +500,7 @@ async def _make(
 ) -> Entry:
     _ro(fs)
     check_name(name)
-    pfd = await _dir_fd(fs, parent)
+    pfd = _dir_only(await fs.inodes.dup_fd(parent))
     fd, st = await _pool(
         fs, (pfd,), _job_make, pfd, name, kind, mode, rdev, target, _proc_umask(), creds=_creator(fs, ctx)
     )
@@ -691,16 +694,13 @@ async def open(
     # pin: an inode with an open handle keeps its O_PATH fd (actors/inode_table.py).
     ifd, kind = await fs.inodes.dup_fd(nodeid, pin=True)
     try:
-        with OwnedFd(ifd) as owned:
-            if kind == KIND_DIR:
-                raise FsError(errno.EISDIR)
-            if kind == KIND_SYMLINK:
-                raise FsError(errno.ELOOP)
-            with OwnedFd(os.dup(ifd) if fs.watcher is not None else -1) as wfd:
-                fd, st = await _pool(
-                    fs, (owned.release(),), _job_reopen_stat, ifd, oflags, kill_gid, creds=c
-                )
-                _watch(fs, nodeid, wfd.release(), False)
+        if kind == KIND_DIR or kind == KIND_SYMLINK:
+            os.close(ifd)
+            raise FsError(errno.EISDIR if kind == KIND_DIR else errno.ELOOP)
+        fd, st, wfd = await _pool(
+            fs, (ifd,), _job_reopen_stat, ifd, oflags, kill_gid, fs.watcher is not None, creds=c
+        )
+        _watch(fs, nodeid, wfd, False)
         return await _opened(fs, fd, nodeid, oflags, st)
     except BaseException:
         await fs.inodes.unpin(nodeid)
@@ -711,10 +711,14 @@ def _set_id(st: os.stat_result) -> bool:
     return bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
 
 
-def _job_reopen_stat(ifd: int, flags: int, kill_gid: int = -1) -> tuple[int, os.stat_result]:
+def _job_reopen_stat(
+    ifd: int, flags: int, kill_gid: int = -1, want_dup: bool = False
+) -> tuple[int, os.stat_result, int]:
+    """The opened file, its stat, and (want_dup) a dup of ifd for the watcher."""
     with OwnedFd(_reopen(ifd, flags, kill_gid)) as fd:
         st = os.fstat(fd.fd)
-        return fd.release(), st
+        dup = os.dup(ifd) if want_dup else -1
+        return fd.release(), st, dup
 
 
 def _open_existing(pfd: int, name: bytes, flags: int, kill_gid: int = -1) -> int:
@@ -753,7 +757,7 @@ async def create(
     _ro(fs)
     check_name(name)
     oflags = _open_flags(fs, flags) | (flags & os.O_EXCL)
-    pfd = await _dir_fd(fs, parent)
+    pfd = _dir_only(await fs.inodes.dup_fd(parent))
     fmode = (mode & ~umask) & 0o7777
     c = _creator(fs, ctx)
     fd, ifd, st = await _pool(
