@@ -274,10 +274,13 @@ def _job_make(
 
 
 def _job_create(
-    pfd: int, name: bytes, mode: int, flags: int, umask_proc: int, kill_gid: int = -1
-) -> tuple[int, int, os.stat_result]:
+    pfd: int, name: bytes, mode: int, flags: int, umask_proc: int, kill_gid: int = -1,
+    want_dup: bool = False,
+) -> tuple[int, int, os.stat_result, int]:
     """Exclusive create (the client's O_EXCL is honoured; a stale negative dentry
-    in the client's cache that meets a file created on the host opens it)."""
+    in the client's cache that meets a file created on the host opens it): the
+    open fd, an O_PATH fd and stat of the file, and (want_dup) a dup of the
+    O_PATH fd for the watcher."""
     base = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
     created = True
     try:
@@ -291,7 +294,8 @@ def _job_create(
         if created:  # fd is the file O_EXCL made: no check needed
             _fix_mode(opath.fd, stat.S_IFREG | mode, umask_proc, "node")
         st = os.fstat(opath.fd)
-        return opened.release(), opath.release(), st
+        dup = os.dup(opath.fd) if want_dup else -1
+        return opened.release(), opath.release(), st, dup
 
 
 def _job_lookup_many(
@@ -760,15 +764,15 @@ async def create(
     pfd = _dir_only(await fs.inodes.dup_fd(parent))
     fmode = (mode & ~umask) & 0o7777
     c = _creator(fs, ctx)
-    fd, ifd, st = await _pool(
+    fd, ifd, st, dup = await _pool(
         fs, (pfd,), _job_create, pfd, name, fmode, oflags, _proc_umask(),
-        _kill_gid(c, ctx.gid) if open_flags & FUSE_OPEN_KILL_SUIDGID else -1, creds=c,
+        _kill_gid(c, ctx.gid) if open_flags & FUSE_OPEN_KILL_SUIDGID else -1,
+        fs.watcher is not None, creds=c,
     )
-    # The table adopts ifd (or closes it); fd goes to a handle, wfd to the watcher.
-    with OwnedFd(fd) as owned, OwnedFd(ifd) as opath:
-        with OwnedFd(os.dup(ifd) if fs.watcher is not None else -1) as wfd:
-            nodeid = await fs.inodes.register(parent, name, opath.release(), st, pin=True)
-            _watch(fs, nodeid, wfd.release(), False)
+    # The table adopts ifd (or closes it); fd goes to a handle, dup to the watcher.
+    with OwnedFd(fd) as owned, OwnedFd(dup) as wfd:
+        nodeid = await fs.inodes.register(parent, name, ifd, st, pin=True)
+        _watch(fs, nodeid, wfd.release(), False)
         owned.release()
     try:
         opened = await _opened(fs, fd, nodeid, oflags, st)
