@@ -14,6 +14,9 @@ The block closes the fd however it ends (an exception, CancelledError and
 KeyboardInterrupt included, or a normal exit) unless `release()` handed the fd
 on first; `release()` is the one point where ownership moves. -1 means "no
 fd" (an optional dup not taken): nothing is closed.
+
+It costs a few Python calls (~0.3-0.4 us a use): the hottest pool jobs
+(ops._job_lookup, ops._job_reopen_stat) keep a written-out try/except.
 """
 
 from __future__ import annotations
