@@ -25,6 +25,14 @@ used.idx" needs nothing more. Store-then-load (publish used.idx, then read
 used_event; publish avail_event, then re-read avail.idx) can be reordered even
 on x86: `full_fence()` orders them with a locked instruction (a mutex
 acquire/release). This targets x86-64 hosts, where QEMU's TCG and KVM run here.
+
+Torn writes. Each ring field the driver may read at any moment (used.idx,
+avail_event, the used elements) is written with ONE store of its final value,
+through typed views of the used ring (memoryview.cast "H" / "I"). Never with
+struct.pack_into: it zeroes its destination first and writes the value after.
+A driver reading used.idx in between saw it fall to 0, took the stale element
+at its next used slot for a completion, and broke its ring ("id N is not a
+head!": the guest test's flake, docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,8 +60,10 @@ MAX_REQUEST_BYTES = 64 << 20  # a FUSE request is far smaller; more is a hostile
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
 _EVENTFD_ONE = (1).to_bytes(8, "little")
+# The typed views store native-endian values; the rings are little-endian.
+if sys.byteorder != "little":  # pragma: no cover - x86-64 and arm64 hosts are little-endian
+    raise ImportError("the vhost-user backend needs a little-endian host")
 
 _fence_lock = threading.Lock()
 
@@ -155,6 +166,10 @@ class Virtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        # The used ring as u16 (idx at [1], avail_event at [2 + 4 * num]) and as u32
+        # (element i at [1 + 2 * i], [2 + 2 * i]): one aligned store per field.
+        self._used16: memoryview | None = None
+        self._used32: memoryview | None = None
         self.mem: GuestMemory | None = None
         self._check_mem = False  # unsealed guest memory: check its size before touching it
 
@@ -170,6 +185,8 @@ class Virtqueue:
         self._desc = mem.user_view(self.desc_uaddr, 16 * n)
         self._avail = mem.user_view(self.avail_uaddr, 4 + 2 * n + 2)
         self._used = mem.user_view(self.used_uaddr, 4 + 8 * n + 2)
+        self._used16 = self._used.cast("H")
+        self._used32 = self._used[:4 + 8 * n].cast("I")
         self.mem = mem
         self._check_mem = not mem.sealed
         self.broken = False
@@ -177,10 +194,10 @@ class Virtqueue:
         self.used_idx = self.signalled_used = _U16.unpack_from(self._used, 2)[0]
 
     def unmap_rings(self) -> None:
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._used16, self._used32, self._desc, self._avail, self._used):
             if v is not None:
                 v.release()
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used16 = self._used32 = None
         self.mem = None
 
     @property
@@ -313,20 +330,21 @@ class Virtqueue:
         if not self.intact():
             return
         self.held.discard(head)
-        used = self._used
-        assert used is not None  # intact() means mapped
+        used16, used32 = self._used16, self._used32
+        assert used16 is not None and used32 is not None  # intact() means mapped
         slot = self.used_idx % self.num
-        _USED_ELEM.pack_into(used, 4 + 8 * slot, head, written)
+        used32[1 + 2 * slot] = head
+        used32[2 + 2 * slot] = written
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(used, 2, self.used_idx)
+        used16[1] = self.used_idx  # one 16-bit store: the driver may be reading it
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (re-check)."""
         if not self.intact():
             return False
         if self.event_idx:
-            assert self._used is not None
-            _U16.pack_into(self._used, 4 + 8 * self.num, self.last_avail)
+            assert self._used16 is not None
+            self._used16[2 + 4 * self.num] = self.last_avail
             full_fence()  # publish avail_event before re-reading avail.idx
         return self.avail_idx() != self.last_avail
 
