@@ -26,15 +26,7 @@ from tests.guest import run as run_mod
 
 # The first guest test also builds the guest image (a kernel package fetched with
 # apt-get download), and a boot under TCG may take its full BOOT_TIMEOUT.
-#
-# One rerun, and only for one signature: in about 1 of 100 boots under TCG the
-# guest's virtio ring reports "id N is not a head!" during the parallel writers
-# and breaks. The backend's own bookkeeping (heads in flight, used index, the
-# thread that pushes) showed nothing out of place in every traced run, and a
-# 1.35 M-chain stress did not reproduce it; docs/RELIABILITY.md says what is
-# known. Any other failure fails at once.
-pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(900),
-              pytest.mark.flaky(reruns=1, only_rerun=["is not a head"])]
+pytestmark = [pytest.mark.slow, pytest.mark.guest, pytest.mark.timeout(900)]
 
 
 def _guest_image() -> image.GuestImage:
