@@ -282,5 +282,7 @@ def render(meta: dict, targets: list[Target], results: list[dict], notes: list[s
         out += workload_table(w, targets, med)
         out += latency_table(w, targets, srv)
     if notes:
-        out += ["## Notes", "", *notes, ""]
+        out += ["## Notes", ""]
+        for note in notes:  # each a block of markdown: a blank line between them
+            out += [note, ""]
     return "\n".join(out)

@@ -176,7 +176,7 @@ def main() -> int:
             for b in backends:
                 res[b].append(run(b, args.n, work))
         print(f"server CPU ms per 1,000 requests (medians of {args.rounds} alternating rounds, "
-              f"{args.n} requests per phase, tmpfs):")  # fmt: skip
+              f"{args.n} requests per phase, tmpfs):\n")  # fmt: skip
         names = list(res[backends[0]][0])
         print("| phase | " + " | ".join(backends) + (" | ratio |" if len(backends) > 1 else " |"))
         print("|---|" + "---|" * (len(backends) + (len(backends) > 1)))
