@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, NotRequired, Protocol, TypedDict, TypeVar
 
+from actorfs.runtime.core.waits import first_of
 from actorfs.runtime.devfuse import mounting as fuse_mount
 from actorfs.runtime.devfuse.mounting import MountError
 from actorfs.runtime.host.backing_fs import INLINE_MODES
@@ -454,12 +455,10 @@ async def _serve_mount(
     on_ready(server)
     extra = observers.summary()
     sd_notify.ready(f"serving {config.root} on {mnt}" + (f"; {extra}" if extra else ""))
-    waiter = asyncio.create_task(server.wait())
-    stopper = asyncio.create_task(stop.wait())
+    waiter = asyncio.create_task(server.wait())  # awaited below for its outcome
     try:
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await first_of(waiter, stop.wait())
     finally:
-        stopper.cancel()
         if ticker is not None:
             ticker.cancel()
         await server.stop()
@@ -625,14 +624,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             async with server:
                 entered = True
                 sd_notify.ready(f"serving {config.root} on {where}" + (f"; {extra}" if extra else ""))
-                waiter = asyncio.ensure_future(server.wait())
-                stopper = asyncio.ensure_future(stopping.wait())
-                try:
-                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for t in (waiter, stopper):
-                        t.cancel()
-                    await asyncio.gather(waiter, stopper, return_exceptions=True)
+                await first_of(server.wait(), stopping.wait())
             return 0
         except Exception as exc:
             if entered:
@@ -751,10 +743,7 @@ async def _demo(src: str, mnt: str, *, hold: bool) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            waiter = asyncio.create_task(server.wait())
-            await asyncio.wait(
-                {waiter, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await first_of(server.wait(), stop.wait())
     print(f"{PROG} demo: unmounted", flush=True)
     return 0 if status == 0 and host_ok else 1
 

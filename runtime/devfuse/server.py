@@ -30,11 +30,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from actorfs.runtime.core.shield import shielded
+from actorfs.runtime.core.waits import first_of
 from actorfs.runtime.devfuse import mounting as fuse_mount
 from actorfs.runtime.devfuse.mounting import MountError
 from actorfs.runtime.devfuse.transport import DEFAULT_POLL_US as DEFAULT_POLL_US  # re-exported
@@ -137,7 +138,7 @@ class MountedServer:
             raise RuntimeError("server already started")
         self._task = asyncio.create_task(self._serve(), name=f"actorfs:{self.mountpoint}")
         try:
-            await _first_of(self._ready.wait(), self._task)
+            await first_of(self._ready.wait(), self._task)
         except asyncio.CancelledError:
             await self.stop()
             raise
@@ -293,7 +294,7 @@ class MountedServer:
             await asyncio.shield(self._teardown(fs, m, dispatcher, transport, run))
 
     async def _until_ready(self, transport: FuseTransport, run: asyncio.Task[None]) -> None:
-        await _first_of(transport.ready.wait(), self._stop_requested.wait(), run)
+        await first_of(transport.ready.wait(), self._stop_requested.wait(), run)
         if not transport.ready.is_set():
             if self._stop_requested.is_set():
                 return  # stopped while starting: straight to the teardown
@@ -304,7 +305,7 @@ class MountedServer:
     async def _until_end(
         self, fs: Filesystem, dispatcher: Dispatcher, transport: FuseTransport
     ) -> None:
-        await _first_of(
+        await first_of(
             transport.ended.wait(),
             self._stop_requested.wait(),
             fs.supervisor.failed.wait(),
@@ -364,26 +365,6 @@ class MountedServer:
         transport.close()
         follow.unregister_own(m.conn)
         log.info("unmounted %s (%s)", m.mountpoint, self.reason)
-
-
-async def _first_of(*aws: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> None:
-    """Wait until one of `aws` (coroutines, or tasks owned elsewhere) is done.
-
-    The waiting tasks made here are cancelled and awaited before returning.
-    """
-    owned: list[asyncio.Future[Any]] = []  # the tasks made here for the coroutines
-    futs: list[asyncio.Future[Any]] = []
-    for a in aws:
-        if asyncio.iscoroutine(a):
-            a = asyncio.ensure_future(a)
-            owned.append(a)
-        futs.append(a)
-    try:
-        await asyncio.wait(futs, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for m in owned:
-            m.cancel()
-        await asyncio.gather(*owned, return_exceptions=True)
 
 
 async def _settled(task: asyncio.Task[None]) -> None:

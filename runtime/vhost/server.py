@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actorfs.runtime.core.abi import peek_header
 from actorfs.runtime.core.shield import shielded
+from actorfs.runtime.core.waits import first_of
 from actorfs.runtime.fuse import protocol
 from actorfs.runtime.ops.filesystem import FsConfig, check_root
 from actorfs.runtime.vhost.vhost_user import (
@@ -487,7 +488,7 @@ class Session:
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._live(ready), name="fuse-session")
         try:
-            await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+            await first_of(ready, self._task)
         except BaseException:
             self._task.cancel()
             raise
