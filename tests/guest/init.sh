@@ -1,5 +1,6 @@
 #!/bin/busybox sh
 # PID 1 of the test guest: load the virtio-fs modules, mount, run the workload, power off.
+echo "ACTORFS-INIT"  # the kernel booted (tests/guest/run.py waits for this line)
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys

@@ -156,8 +156,6 @@ def test_libvirt_command_line_through_actorfs_virtiofsd(tmp_path, monkeypatch, f
     caps = subprocess.run([program("actorfs-virtiofsd"), "--print-capabilities"],
                           env=script_env(), capture_output=True, text=True, timeout=60)
     assert "separate-options" in json.loads(caps.stdout)["features"], caps.stdout + caps.stderr
-    listener = _listening_socket(str(sock_path))
-    fd = listener.detach()
     if form == "separate-options":
         args = ["--shared-dir", str(root), "--cache", "always", "--sandbox", "chroot",
                 "--xattr", "--thread-pool-size=16", "--rlimit-nofile=65536"]
@@ -169,10 +167,13 @@ def test_libvirt_command_line_through_actorfs_virtiofsd(tmp_path, monkeypatch, f
                 "--thread-pool-size=16"]
         ignored = ["-o sandbox=chroot", "-o xattr", "-o no_flock", "-o no_posix_lock",
                    "--thread-pool-size=16"]
-    command = [program("actorfs-virtiofsd"), f"--fd={fd}", *args]
+
+    def launch() -> tuple[list[str], tuple[int, ...]]:
+        fd = _listening_socket(str(sock_path)).detach()  # a new socket for each boot
+        return [program("actorfs-virtiofsd"), f"--fd={fd}", *args], (fd,)
+
     monkeypatch.setenv("PYTHONPATH", script_env()["PYTHONPATH"])  # this checkout's code
-    run = run_mod.run_guest(img, "actorfs-virtiofsd", tmp_path, root, command=command,
-                            pass_fds=(fd,))
+    run = run_mod.run_guest(img, "actorfs-virtiofsd", tmp_path, root, launch=launch)
     context = run.context()
     assert "ACTORFS-MOUNTED" in run.console, context
     lines = run.report()
