@@ -264,7 +264,7 @@ def render(meta: dict, targets: list[Target], results: list[dict], notes: list[s
         "",
         f"Written by `{meta.get('command', 'python3 -m bench.run')}` (do not edit by hand; "
         "notes below the tables come from bench/notes.md). To measure again, as root: "
-        "`python3 -m bench.run`, one command for everything below (about 5-8 minutes on a "
+        "`python3 -m bench.run`, one command for everything below (about 6-9 minutes on a "
         "quiet 2-CPU VM; run it on a quiet machine, the ratios move with the load).",
         "",
         f"- date: {meta['date']}",
