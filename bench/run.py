@@ -43,8 +43,9 @@ QUICK = {"files": 200, "par_files": 100, "procs": 4, "mib": 16, "seconds": 1, "t
 GROUPS = [["metadata"], ["parallel"], ["seq_write", "seq_read", "rand_read"],
           ["small_files"], ["stat_heavy"]]  # fmt: skip
 
-# Workloads that also read the mount's file through its backing directory, in
-# the same process, interleaved: the issue targets use these pairs (bench/workloads.py).
+# Workloads that pair each write or read through the mount with the same one in
+# its backing directory, in the same process: the issue targets use these pairs
+# (bench/workloads.py).
 PAIRED = {"seq_write", "seq_read", "rand_read"}
 
 TAR_SOURCES = ["/usr/lib/python3.11", "/usr/lib/python3/dist-packages"]

@@ -139,7 +139,8 @@ def seq_write(d: str, p: dict) -> dict:
     seq_read).
 
     Both files of a pair are removed through `d` before the next pair, so the
-    same process frees the pages both next writes get. A write reusing pages
+    pages both next writes get were freed by one process (the server, on a
+    mount). A write reusing pages
     freed on another CPU (the server's, after an unlink through the mount) ran
     9-13% slower than one reusing pages its own process freed, and writes
     into never-freed memory ran at a fifth of the speed (the VM's host backs
