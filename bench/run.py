@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 from bench import report, workloads  # noqa: E402
+from bench.reference import ReferenceServer  # noqa: E402
 from bench.report import Target  # noqa: E402
 from bench.server import ActorfsServer  # noqa: E402
 
@@ -113,14 +114,21 @@ def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params
         shutil.rmtree(src)
         return rows
     mnt.mkdir(parents=True, exist_ok=True)
-    with ActorfsServer(src, mnt, target.cli_args(), log=log) as srv:
+    server: ActorfsServer | ReferenceServer
+    if target.command is not None:
+        server = ReferenceServer(target.command, src, mnt, log=log)
+    else:
+        server = ActorfsServer(src, mnt, target.cli_args(), log=log)
+    with server as srv:
         before = srv.stats()
-        PASSTHROUGH[target.name] = srv.passthrough
+        if target.command is None:
+            PASSTHROUGH[target.name] = srv.passthrough
         for w in group:
             paired = w in PAIRED
             figures = run_workload(w, mnt, {**params, "backing": str(src)} if paired else params)
             after = srv.stats()
-            row = {"workload": w, "server": report.diff_stats(before, after),
+            row = {"workload": w,
+                   "server": report.diff_stats(before, after) if target.command is None else None,
                    "figures": {k: v for k, v in figures.items()
                                if not k.startswith(workloads.BACKING)}}  # fmt: skip
             if paired:
@@ -191,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--targets", default=None, help="comma-separated substrings of target names")
     ap.add_argument("--workloads", default=None, help="comma-separated workload names")
+    ap.add_argument("--reference", action="append", default=[], metavar="NAME=COMMAND",
+                    help="also measure another FUSE server, as target NAME / tmpfs: COMMAND "
+                         "mounts {src} on {mnt} in the foreground (bench/reference.py); "
+                         "repeatable")  # fmt: skip
     ap.add_argument("--no-guest", action="store_true", help="skip the virtio-fs half")
     ap.add_argument("--no-vhost", action="store_true",
                     help="skip the vhost-user CPU per request (bench/vhost_cpu.py)")  # fmt: skip
@@ -206,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.targets:
         want = args.targets.split(",")
         targets = [t for t in targets if t.native or any(s in t.name for s in want)]
+    for ref in args.reference:
+        name, sep, command = ref.partition("=")
+        if not sep or not name or "{mnt}" not in command:
+            ap.error(f"--reference {ref!r}: write NAME=COMMAND, with {{src}} and {{mnt}} in COMMAND")
+        targets.append(Target(f"{name} / tmpfs", "tmpfs", None, command=command))
     groups = GROUPS
     if args.workloads:
         want_w = set(args.workloads.split(","))
