@@ -301,6 +301,10 @@ def render(meta: dict, targets: list[Target], results: list[dict], notes: list[s
         "",
         *([f"- passthrough as the mounts reported it: {meta['passthrough']}", ""]
           if meta.get("passthrough") else []),
+        *(["Other servers measured in the same run (`--reference NAME=COMMAND`, "
+           "bench/reference.py; bench/notes.md says how each was built):", "",
+           *(f"- {name}: `{cmd}`" for name, cmd in meta["references"].items()), ""]
+          if meta.get("references") else []),
         *([meta["conditions"], ""] if meta.get("conditions") else []),
         "## Issue targets (actorfs with default options over tmpfs vs native tmpfs, same run)",
         "",

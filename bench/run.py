@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,16 +142,18 @@ def run_group(target: Target, group: list[str], backing: Path, mnt: Path, params
 
 
 def _shown_args(argv: list[str]) -> str:
-    """The command line for the report, without --conditions (shown on its own)."""
+    """The command line for the report, quoted as a shell needs it, without
+    --conditions (shown on its own) and --json (where this run's raw figures went)."""
+    hidden = ("--conditions", "--json")
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--conditions":
+        elif a in hidden:
             skip = True
-        elif not a.startswith("--conditions="):
+        elif not a.startswith(tuple(f"{h}=" for h in hidden)):
             out.append(a)
-    return "".join(f" {a}" for a in out)
+    return "".join(f" {shlex.quote(a)}" for a in out)
 
 
 def vhost_cpu_section() -> str:
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": repeat,
         "sizes": ", ".join(f"{k}={v}" for k, v in params.items() if k != "tar"),
         "passthrough": "; ".join(f"{k}: {v}" for k, v in PASSTHROUGH.items()),
+        "references": {t.name: t.command for t in targets if t.command is not None},
         "conditions": args.conditions or f"Load average at the start: {load_at_start}.",
         "elapsed": f"{time.monotonic() - started:.0f} s",
         "command": "python3 -m bench.run" + _shown_args(argv if argv is not None else sys.argv[1:]),

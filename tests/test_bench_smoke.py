@@ -97,9 +97,10 @@ def test_before_bars_come_from_the_old_code_in_the_same_run():
     got = {label: (v, met) for label, v, met in report.goals(report.medians(rows), targets, rows)}
     assert got["create no lower than before (11.0% in this run)"] == (pytest.approx(0.1), False)
     meta = {"date": "d", "machine": "m", "kernel": "k", "python": "p", "mode": "quick",
-            "repeat": 3, "sizes": "s"}  # fmt: skip
+            "repeat": 3, "sizes": "s", "references": {report.BEFORE: "old-server {src} {mnt}"}}  # fmt: skip
     md = report.render(meta, targets, rows, [])
     assert _table(md, "metadata")[3][:2] == [report.BEFORE, "11.0 (11.0%)"]
+    assert f"- {report.BEFORE}: `old-server {{src}} {{mnt}}`" in md  # how it was run
 
 
 def test_reference_server_mounts_and_leaves_nothing_behind(tmp_path):
