@@ -75,6 +75,14 @@ def all_targets(quick: bool, all_modes: bool = False) -> list[Target]:
     ]  # fmt: skip
 
 
+def run_order(targets: list[Target], repeat: int) -> list[Target]:
+    """The targets of one repeat, rotated by one place per repeat: what ran just
+    before a target (its freed pages, its page cache) then changes from repeat
+    to repeat instead of always favouring or hurting the same one."""
+    k = repeat % len(targets) if targets else 0
+    return targets[k:] + targets[:k]
+
+
 def run_workload(name: str, directory: Path, params: dict) -> dict:
     p = subprocess.run(
         [sys.executable, str(HERE / "workloads.py"), name, str(directory), json.dumps(params)],
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         disk = WORK / "disk"
         disk.mkdir(exist_ok=True)
         for r in range(repeat):
-            for t in targets:
+            for t in run_order(targets, r):
                 backing = tmpfs if t.backing == "tmpfs" else disk
                 for g in groups:
                     print(f"[{time.monotonic() - started:7.1f}s] run {r + 1}/{repeat} "

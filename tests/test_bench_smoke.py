@@ -103,6 +103,15 @@ def test_before_bars_come_from_the_old_code_in_the_same_run():
     assert f"- {report.BEFORE}: `old-server {{src}} {{mnt}}`" in md  # how it was run
 
 
+def test_targets_take_turns_at_running_first():
+    from bench.run import run_order
+
+    ts = [Target(n, "tmpfs", None if n == "native" else "default") for n in "abc"]
+    firsts = [run_order(ts, r)[0].name for r in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    assert all(sorted(t.name for t in run_order(ts, r)) == ["a", "b", "c"] for r in range(6))
+
+
 def test_reference_server_mounts_and_leaves_nothing_behind(tmp_path):
     """A reference target is any server that mounts {src} on {mnt} in the
     foreground; here actorfs itself, through the same harness bench.run uses."""
