@@ -207,3 +207,16 @@ def test_quick_run_writes_a_well_formed_report(tmp_path):
     # nothing left mounted
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounts
+
+
+def test_parallel_bound_runs_the_workload_over_two_servers(tmp_path, monkeypatch):
+    """bench/parallel_bound.py: 4 processes split over two independent mounts."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("the bound mounts: it needs root and /dev/fuse")
+    from bench import parallel_bound
+
+    monkeypatch.setattr(parallel_bound, "PARAMS", {"files": 20, "par_files": 20, "procs": 4})
+    assert parallel_bound.one_round(tmp_path, 2) > 0
+    assert parallel_bound.native_round(tmp_path) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # everything removed
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
