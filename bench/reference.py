@@ -18,24 +18,24 @@ import subprocess
 import time
 from pathlib import Path
 
+from actorfs.runtime.devfuse.mounting import is_mountpoint
+
 MOUNT_TIMEOUT = 60.0  # seconds for the server to mount
 EXIT_TIMEOUT = 20.0  # seconds for it to exit once unmounted
 
 
 def is_mounted(mnt: Path) -> bool:
-    """True when a mount's point is exactly `mnt` (mountinfo, not os.path.ismount:
-    that stats the directory, which a wedged server would answer never)."""
-    want = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == want for line in f)
+    """True when a mount's point is exactly `mnt`: read from mountinfo without
+    stat-ing `mnt`, which a wedged server would never answer."""
+    return is_mountpoint(str(mnt))
 
 
 def command_line(template: str, src: Path, mnt: Path) -> list[str]:
     """The server's argv: the template split as a shell would, {src} and {mnt} filled in."""
-    args = [a.format(src=src, mnt=mnt) for a in shlex.split(template)]
-    if not any("{mnt}" in a for a in shlex.split(template)):
+    words = shlex.split(template)
+    if not any("{mnt}" in w for w in words):
         raise ValueError(f"reference command {template!r} has no {{mnt}}: where would it mount?")
-    return args
+    return [w.format(src=src, mnt=mnt) for w in words]
 
 
 class ReferenceServer:
